@@ -1,0 +1,44 @@
+"""The MemWarden event log: immutable, ordered, hash-chained events in SQLite or PostgreSQL.
+
+This package imports nothing from the rest of MemWarden.
+"""
+
+from eventstore._envelope import (
+    GENESIS_HASH,
+    EventContext,
+    NewEvent,
+    StoredEvent,
+    canonical_json,
+    utcnow,
+)
+from eventstore._errors import BackendError, ConcurrencyError, EventStoreError, UpcastError
+from eventstore._schema import UTCDateTime
+from eventstore._store import (
+    ANY_VERSION,
+    ChainBreak,
+    EventStore,
+    StreamAppend,
+    VerificationReport,
+)
+from eventstore._upcasting import Upcaster, Upcasters
+
+__all__ = [
+    "ANY_VERSION",
+    "GENESIS_HASH",
+    "BackendError",
+    "ChainBreak",
+    "ConcurrencyError",
+    "EventContext",
+    "EventStore",
+    "EventStoreError",
+    "NewEvent",
+    "StoredEvent",
+    "StreamAppend",
+    "UTCDateTime",
+    "UpcastError",
+    "Upcaster",
+    "Upcasters",
+    "VerificationReport",
+    "canonical_json",
+    "utcnow",
+]

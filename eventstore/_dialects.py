@@ -1,0 +1,157 @@
+"""What differs between SQLite and PostgreSQL: connection set-up, immutability triggers, locking.
+
+Appends must be serialized so that global positions are gap-free *in commit order* (a reader that
+has seen position p never later sees a p' < p appear) and so that each event can chain the hash of
+the one before it. SQLite serializes writers with ``BEGIN IMMEDIATE``; PostgreSQL takes an
+EXCLUSIVE lock on the events table, which still lets plain SELECTs run.
+"""
+
+from __future__ import annotations
+
+import functools
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, text
+from sqlalchemy.engine import make_url
+
+APPEND_ONLY_MESSAGE = "events are append-only"
+
+
+class Dialect:
+    name: str
+
+    def create_engine(self, url: str) -> Engine:
+        raise NotImplementedError
+
+    def install_append_only_triggers(self, conn: Connection) -> None:
+        raise NotImplementedError
+
+    def lock_for_append(self, conn: Connection) -> None:
+        """Called first inside an append transaction."""
+
+    def driver_sql(self, sql: str) -> str:
+        """``sql``, written with ``?`` placeholders, in the driver's own parameter style."""
+        return sql
+
+    def to_db_time(self, value: datetime) -> Any:
+        """A timestamp as the driver must receive it for a ``UTCDateTime`` column."""
+        raise NotImplementedError
+
+    def from_db_time(self, value: Any) -> datetime:
+        """A ``UTCDateTime`` column as the driver returns it, made timezone-aware UTC."""
+        raise NotImplementedError
+
+
+def _require_aware(value: datetime) -> datetime:
+    if value.tzinfo is None:
+        raise ValueError("timestamps must be timezone-aware")
+    return value
+
+
+class SQLiteDialect(Dialect):
+    name = "sqlite"
+
+    def create_engine(self, url: str) -> Engine:
+        database = make_url(url).database
+        if database and database != ":memory:":
+            from pathlib import Path
+
+            Path(database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+
+        @event.listens_for(engine, "connect")
+        def _configure(dbapi_connection: Any, _record: Any) -> None:
+            # Let SQLAlchemy's "begin" hook, not pysqlite, decide how transactions start.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute("PRAGMA busy_timeout=60000")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _begin(conn: Connection) -> None:
+            mode = conn.get_execution_options().get("sqlite_begin", "DEFERRED")
+            conn.exec_driver_sql(f"BEGIN {mode}")
+
+        return engine
+
+    def install_append_only_triggers(self, conn: Connection) -> None:
+        for action in ("UPDATE", "DELETE"):
+            conn.execute(text(
+                f"CREATE TRIGGER IF NOT EXISTS events_no_{action.lower()} "
+                f"BEFORE {action} ON events BEGIN SELECT RAISE(ABORT, '{APPEND_ONLY_MESSAGE}'); END"
+            ))
+
+    # Both conversions are cached: every event of a transaction shares its recorded_at, which
+    # the read models copy into several columns, so the same few timestamps recur all the time.
+
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)
+    def to_db_time(value: datetime) -> str:
+        # The exact text SQLAlchemy's SQLite DateTime writes, so rows read back through Core
+        # (and digests over them) cannot tell which path wrote them.
+        utc = _require_aware(value).astimezone(UTC).replace(tzinfo=None)
+        return utc.isoformat(" ", "microseconds")
+
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)
+    def from_db_time(value: str) -> datetime:
+        return datetime.fromisoformat(value).replace(tzinfo=UTC)
+
+
+class PostgresDialect(Dialect):
+    name = "postgresql"
+
+    def create_engine(self, url: str) -> Engine:
+        return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+
+    def install_append_only_triggers(self, conn: Connection) -> None:
+        conn.execute(text(
+            "CREATE OR REPLACE FUNCTION memwarden_events_append_only() RETURNS trigger "
+            "LANGUAGE plpgsql AS $$ BEGIN "
+            f"RAISE EXCEPTION '{APPEND_ONLY_MESSAGE}' USING ERRCODE = 'restrict_violation'; "
+            "END $$"
+        ))
+        conn.execute(text(
+            "CREATE OR REPLACE TRIGGER events_no_update_or_delete "
+            "BEFORE UPDATE OR DELETE ON events "
+            "FOR EACH ROW EXECUTE FUNCTION memwarden_events_append_only()"
+        ))
+        conn.execute(text(
+            "CREATE OR REPLACE TRIGGER events_no_truncate BEFORE TRUNCATE ON events "
+            "FOR EACH STATEMENT EXECUTE FUNCTION memwarden_events_append_only()"
+        ))
+
+    def lock_for_append(self, conn: Connection) -> None:
+        conn.exec_driver_sql("LOCK TABLE events IN EXCLUSIVE MODE")
+
+    def driver_sql(self, sql: str) -> str:
+        return sql.replace("?", "%s")
+
+    def to_db_time(self, value: datetime) -> datetime:
+        return _require_aware(value).astimezone(UTC)
+
+    def from_db_time(self, value: datetime) -> datetime:
+        return value.astimezone(UTC)
+
+
+_DIALECTS: dict[str, Dialect] = {d.name: d for d in (SQLiteDialect(), PostgresDialect())}
+
+
+def dialect_named(name: str) -> Dialect:
+    """The dialect of a SQLAlchemy dialect name (``conn.dialect.name``)."""
+    try:
+        return _DIALECTS[name]
+    except KeyError:
+        raise ValueError(f"unsupported database {name!r}: use SQLite or PostgreSQL") from None
+
+
+def dialect_for(url: str) -> Dialect:
+    backend = make_url(url).get_backend_name()
+    if backend not in _DIALECTS:
+        raise ValueError(
+            f"unsupported database URL {url!r}: use sqlite:/// or postgresql+psycopg://")
+    return _DIALECTS[backend]
