@@ -1,0 +1,100 @@
+"""Read models built only from events, the projector that maintains them, and time travel.
+
+Depends on ``eventstore`` only.
+"""
+
+from projections._keys import (
+    API_KEY_ISSUED,
+    API_KEY_REVOKED,
+    ApiKeyQueries,
+    ApiKeyRecord,
+    ApiKeysProjection,
+    api_key_stream,
+    api_keys,
+    evolve_key,
+)
+from projections._queries import (
+    MAX_PAGE,
+    AuditEntry,
+    AuditFilter,
+    CubeFilter,
+    ReadModels,
+    Usage,
+    Version,
+)
+from projections._readmodels import (
+    AuditProjection,
+    CubesProjection,
+    Projection,
+    UsageProjection,
+    VersionsProjection,
+    default_projections,
+    state_from_row,
+)
+from projections._runner import ProgressCallback, ProjectionRunner
+from projections._state import (
+    ACTIVE,
+    CUBE_EVENT_TYPES,
+    DELETED,
+    MEMORY_ACCESSED,
+    MEMORY_CREATED,
+    MEMORY_DELETED,
+    MEMORY_RESTORED,
+    MEMORY_ROLLED_BACK,
+    MEMORY_UPDATED,
+    CorruptStream,
+    MemoryState,
+    evolve,
+    replay,
+)
+from projections._timetravel import cube_as_of, resolve_position, tenant_as_of
+from projections._tables import audit, cube_labels, cubes, reads, usage, versions
+
+__all__ = [
+    "API_KEY_ISSUED",
+    "API_KEY_REVOKED",
+    "ApiKeyQueries",
+    "ApiKeyRecord",
+    "ApiKeysProjection",
+    "api_key_stream",
+    "api_keys",
+    "evolve_key",
+    "MAX_PAGE",
+    "AuditEntry",
+    "AuditFilter",
+    "CubeFilter",
+    "ReadModels",
+    "Usage",
+    "Version",
+    "cube_as_of",
+    "resolve_position",
+    "tenant_as_of",
+    "ACTIVE",
+    "CUBE_EVENT_TYPES",
+    "DELETED",
+    "MEMORY_ACCESSED",
+    "MEMORY_CREATED",
+    "MEMORY_DELETED",
+    "MEMORY_RESTORED",
+    "MEMORY_ROLLED_BACK",
+    "MEMORY_UPDATED",
+    "AuditProjection",
+    "CorruptStream",
+    "CubesProjection",
+    "MemoryState",
+    "ProgressCallback",
+    "Projection",
+    "ProjectionRunner",
+    "UsageProjection",
+    "VersionsProjection",
+    "audit",
+    "cube_labels",
+    "cubes",
+    "default_projections",
+    "evolve",
+    "reads",
+    "replay",
+    "state_from_row",
+    "usage",
+    "versions",
+]
