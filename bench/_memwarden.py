@@ -1,0 +1,69 @@
+"""MemWarden as a benchmark subject: the SDK for single commands, the event store for batches."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Hashable
+from pathlib import Path
+
+from bench._workload import BATCH, TENANT, memory_metadata, memory_owner, memory_text
+from eventstore import EventContext, StreamAppend
+from governance import Limits, MemCube, MemWarden, Settings
+
+
+class MemWardenSubject:
+    name = "MemWarden"
+
+    def __init__(self, directory: Path) -> None:
+        url = f"sqlite:///{directory / 'memwarden.db'}"
+        self._mw = MemWarden.open(url, actor="agent:bench",
+                                  settings=Settings(db_url=url, data_dir=str(directory)))
+        self._context = EventContext(actor="agent:bench", tenant=TENANT)
+
+    def seed(self, count: int, advance: Callable[[int], None]) -> list[Hashable]:
+        # Batches projected in their own transaction, as the embedded mode projects a command.
+        ids: list[Hashable] = []
+        for start in range(0, count, BATCH):
+            size = min(BATCH, count - start)
+            ids.extend(self._append(start, size, project=True))
+            advance(size)
+        return ids
+
+    def add(self, i: int) -> Hashable:
+        return self._mw.add(memory_text(i), tenant=TENANT, owner=memory_owner(i),
+                            metadata=memory_metadata(i)).cube_id
+
+    def update(self, cube_id: Hashable, i: int) -> None:
+        self._mw.update(str(cube_id), text=f"{memory_text(i)} (revised)", reason="benchmark")
+
+    def append_batch(self, start: int, count: int) -> None:
+        self._append(start, count, project=False)
+
+    def get(self, cube_id: Hashable) -> None:
+        self._mw.get(str(cube_id))
+
+    def history(self, cube_id: Hashable) -> None:
+        self._mw.history(str(cube_id))
+
+    def rebuild(self) -> int:
+        return self._mw.rebuild_projections()
+
+    def close(self) -> None:
+        self._mw.close()
+
+    def _append(self, start: int, count: int, *, project: bool) -> list[str]:
+        """One transaction creating ``count`` memories, each its own stream (and MemCube)."""
+        limits = Limits()
+        appends = [
+            StreamAppend(
+                str(uuid.uuid4()),
+                MemCube.create(owner=memory_owner(i), kind="plaintext", text=memory_text(i),
+                               metadata=memory_metadata(i), reason=None, limits=limits),
+                0,
+                self._context,
+            )
+            for i in range(start, start + count)
+        ]
+        then = self._mw.projector.project_new_events if project else None
+        self._mw.store.append_many(appends, then=then)
+        return [a.stream_id for a in appends]

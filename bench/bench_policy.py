@@ -1,0 +1,181 @@
+"""What enforcing the access policy costs per request (issue #4, item 7).
+
+Decisions per second through the enforcement point (``AccessPolicy.check``): allowed ones, and
+denied ones, which also append their AccessDenied event; ``permitted`` filtering a page of 100
+search hits; and the Casbin matcher alone, without the per-revision memo, over the default
+policy. Each ``check`` first reads the policy revision from the database (so that a change made
+anywhere applies to the next request); that read is timed on its own too.
+
+Then the SDK's ``add`` and ``get`` with and without enforcement in front (``memory.create``, and
+``memory.read_content`` on what was read), interleaved so that both see the same database: p50
+and p95 latency and the overhead.
+
+On the embedded SQLite default, and on PostgreSQL when the test server is reachable
+(``MEMWARDEN_TEST_PG_URL``, as in the tests), in a schema created and dropped for the run.
+
+    python -m bench.bench_policy [--full]
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import make_url
+
+from eventstore import EventStore
+from governance import MemWarden
+from governance._policy import AccessPolicy
+from governance._principal import Principal, Resource
+from projections._policy import POLICY_STREAM
+
+PG_URL = os.environ.get("MEMWARDEN_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+AGENT = Principal("agent:bench", "acme", "agent")
+OFFICER = Principal("officer:bench", "acme", "compliance_officer")
+
+
+def _rate(operation: Callable[[], object], count: int) -> float:
+    started = time.perf_counter()
+    for _ in range(count):
+        operation()
+    return count / (time.perf_counter() - started)
+
+
+def _quantiles(samples: list[float]) -> tuple[float, float]:
+    cuts = statistics.quantiles(samples, n=100)
+    return cuts[49] * 1000, cuts[94] * 1000
+
+
+@contextmanager
+def _sqlite_url() -> Iterator[str]:
+    with tempfile.TemporaryDirectory() as folder:
+        yield f"sqlite:///{Path(folder) / 'bench.db'}"
+
+
+@contextmanager
+def _postgres_url() -> Iterator[str]:
+    schema = f"bench_{uuid.uuid4().hex[:12]}"
+    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
+    try:
+        yield make_url(PG_URL).update_query_dict(
+            {"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+def _postgres_reachable() -> bool:
+    try:
+        engine = create_engine(PG_URL)
+        with engine.connect() as conn:
+            conn.execute(text("select 1"))
+        engine.dispose()
+    except Exception:  # any failure to connect means "no server": bench SQLite only
+        return False
+    return True
+
+
+def _decision_rates(policy: AccessPolicy, store: EventStore, count: int) -> dict[str, float]:
+    own = Resource("acme", "memory", "m1", owner="person:ana", created_by=AGENT.subject)
+    page = [Resource("acme", "memory", f"m{i}", owner=f"person:{i % 7}",
+                     created_by=AGENT.subject if i % 3 else "agent:other",
+                     labels=frozenset({"sensitive"} if i % 5 == 0 else ()))
+            for i in range(100)]
+    in_force = policy._current()  # the bench's one look inside: the matcher without the memo
+    matcher = in_force.decide.__wrapped__
+    asker, relation = AGENT.asker(), own.relation_to(AGENT)
+    _rate(lambda: policy.check(AGENT, "memory.read_content", own), count // 10)  # warm up
+    return {
+        "revision read": _rate(lambda: store.stream_version(POLICY_STREAM), count),
+        "matcher alone, no memo": _rate(
+            lambda: matcher(asker, "acme", "memory.read_content", relation), count),
+        "check, allowed": _rate(lambda: policy.check(AGENT, "memory.read_content", own), count),
+        "check, denied (+ AccessDenied event)": _rate(
+            lambda: policy.check(AGENT, "memory.rollback", own), count // 4),
+        "permitted, per hit of a 100-hit page": 100 * _rate(
+            lambda: policy.permitted(AGENT, "memory.read_content", page), max(count // 100, 5)),
+    }
+
+
+def _sdk_latencies(mw: MemWarden, policy: AccessPolicy, count: int) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {name: [] for name in
+                                       ("add", "add enforced", "get", "get enforced")}
+    def add(enforced: bool) -> str:
+        if enforced:
+            policy.require(OFFICER, "memory.create", Resource.new_memory(
+                "acme", owner="person:ana", created_by=OFFICER.subject))
+        return mw.add("Prefers the window seat on long flights", tenant="acme",
+                      owner="person:ana").cube_id
+
+    def get(cube_id: str, enforced: bool) -> None:
+        state = mw.get(cube_id)
+        if enforced:
+            policy.require(OFFICER, "memory.read_content", Resource.of_memory(state))
+
+    cube_ids = [add(enforced=False) for _ in range(20)]  # warm up both paths
+    for n in range(count):
+        for enforced in (n % 2 == 0, n % 2 == 1):
+            suffix = " enforced" if enforced else ""
+            started = time.perf_counter()
+            cube_ids.append(add(enforced))
+            samples["add" + suffix].append(time.perf_counter() - started)
+            started = time.perf_counter()
+            get(cube_ids[n], enforced)
+            samples["get" + suffix].append(time.perf_counter() - started)
+    return samples
+
+
+def _bench_backend(console: Console, backend: str, url: str, full: bool) -> None:
+    with MemWarden.open(url, actor=OFFICER.subject) as mw:
+        # As the services will: the policy's events are projected in their own transaction.
+        policy = AccessPolicy.open(mw.store, then=mw.projector.project_new_events)
+        rates = _decision_rates(policy, mw.store, 20_000 if full else 4_000)
+        latencies = _sdk_latencies(mw, policy, 1_000 if full else 200)
+
+    table = Table(title=f"access policy on {backend}: decisions")
+    table.add_column("operation")
+    table.add_column("per second", justify="right")
+    table.add_column("µs each", justify="right")
+    for name, rate in rates.items():
+        table.add_row(name, f"{rate:,.0f}", f"{1e6 / rate:,.1f}")
+    console.print(table)
+
+    table = Table(title=f"access policy on {backend}: SDK latency with and without enforcement")
+    for column in ("operation", "p50 ms", "p95 ms", "p50 enforced", "p95 enforced",
+                   "p95 overhead"):
+        table.add_column(column, justify="left" if column == "operation" else "right")
+    for operation in ("add", "get"):
+        p50, p95 = _quantiles(latencies[operation])
+        p50_enforced, p95_enforced = _quantiles(latencies[f"{operation} enforced"])
+        table.add_row(operation, f"{p50:.2f}", f"{p95:.2f}", f"{p50_enforced:.2f}",
+                      f"{p95_enforced:.2f}", f"{p95_enforced - p95:+.2f} ms")
+    console.print(table)
+
+
+def run(console: Console, full: bool) -> None:
+    with _sqlite_url() as url:
+        _bench_backend(console, "SQLite", url, full)
+    if _postgres_reachable():
+        with _postgres_url() as url:
+            _bench_backend(console, "PostgreSQL", url, full)
+    else:
+        console.print(f"PostgreSQL at {make_url(PG_URL).render_as_string()} is unreachable: "
+                      "SQLite only")
+
+
+if __name__ == "__main__":
+    run(Console(), full="--full" in sys.argv[1:])

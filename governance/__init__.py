@@ -1,0 +1,73 @@
+"""MemWarden's domain and services: the MemCube aggregate, the SDK, the CLI.
+
+Errors (all subclasses of ``MemWardenError``) are documented in ``governance._errors``.
+"""
+
+from governance._api import create_app
+from governance._config import ENVIRONMENT_VARIABLES, ConfigError, Settings
+from governance._errors import (
+    EmptyText,
+    InvalidCommand,
+    MalformedMetadata,
+    MemWardenError,
+    NotFound,
+    StateConflict,
+    TextTooLarge,
+    VersionConflict,
+    VersionNotFound,
+)
+from governance._keys import (
+    ALL_TENANTS,
+    ROLES,
+    ApiKeys,
+    Forbidden,
+    IssuedKey,
+    Principal,
+    Unauthenticated,
+    authorize,
+    key_as_dict,
+)
+from governance._memcube import KINDS, SEMANTIC_TYPES, SOURCES, Limits, MemCube, MemoryMetadata
+from governance._sdk import Diff, MemWarden, diff_states, state_as_dict
+from projections import AuditEntry, AuditFilter, CubeFilter, MemoryState, Usage, Version
+
+__all__ = [
+    "ALL_TENANTS",
+    "ENVIRONMENT_VARIABLES",
+    "KINDS",
+    "ROLES",
+    "SEMANTIC_TYPES",
+    "SOURCES",
+    "ApiKeys",
+    "AuditEntry",
+    "AuditFilter",
+    "ConfigError",
+    "CubeFilter",
+    "Diff",
+    "EmptyText",
+    "Forbidden",
+    "InvalidCommand",
+    "IssuedKey",
+    "Limits",
+    "MalformedMetadata",
+    "MemCube",
+    "MemWarden",
+    "MemWardenError",
+    "MemoryMetadata",
+    "MemoryState",
+    "NotFound",
+    "Principal",
+    "Settings",
+    "StateConflict",
+    "TextTooLarge",
+    "Unauthenticated",
+    "Usage",
+    "Version",
+    "VersionConflict",
+    "VersionNotFound",
+    "authorize",
+    "create_app",
+    "diff_states",
+    "key_as_dict",
+    "state_as_dict",
+]
