@@ -11,7 +11,13 @@ from eventstore._envelope import (
     canonical_json,
     utcnow,
 )
-from eventstore._errors import BackendError, ConcurrencyError, EventStoreError, UpcastError
+from eventstore._errors import (
+    BackendError,
+    ConcurrencyError,
+    EventStoreError,
+    IntegrityError,
+    UpcastError,
+)
 from eventstore._schema import UTCDateTime
 from eventstore._store import (
     ANY_VERSION,
@@ -31,6 +37,7 @@ __all__ = [
     "EventContext",
     "EventStore",
     "EventStoreError",
+    "IntegrityError",
     "NewEvent",
     "StoredEvent",
     "StreamAppend",

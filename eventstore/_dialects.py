@@ -17,6 +17,11 @@ from sqlalchemy.engine import make_url
 
 APPEND_ONLY_MESSAGE = "events are append-only"
 
+_SCHEMA_SETUP_LOCK = 0x6D656D7761726465
+"""PostgreSQL advisory lock key ("memwarde" in ASCII) held while a store sets up its schema."""
+
+_APPEND_ONLY_TRIGGERS = ("events_no_update_or_delete", "events_no_truncate")
+
 
 class Dialect:
     name: str
@@ -26,6 +31,10 @@ class Dialect:
 
     def install_append_only_triggers(self, conn: Connection) -> None:
         raise NotImplementedError
+
+    def lock_for_schema_setup(self, conn: Connection) -> None:
+        """Called first inside the transaction that creates the schema; may be called again in
+        it."""
 
     def lock_for_append(self, conn: Connection) -> None:
         """Called first inside an append transaction."""
@@ -108,7 +117,22 @@ class PostgresDialect(Dialect):
     def create_engine(self, url: str) -> Engine:
         return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
 
+    def lock_for_schema_setup(self, conn: Connection) -> None:
+        # Held until the transaction ends. Without it, stores opened at the same moment race:
+        # both create the table, or both replace the trigger function ("tuple concurrently
+        # updated").
+        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_SETUP_LOCK})
+
     def install_append_only_triggers(self, conn: Connection) -> None:
+        self.lock_for_schema_setup(conn)  # again, for a caller that installs only the triggers
+        # Only when missing: replacing them on every open would lock the events table against
+        # appends while a store starts, and take rights over it that appending does not need.
+        installed = conn.execute(text(
+            "SELECT count(*) FROM pg_trigger "
+            "WHERE tgrelid = 'events'::regclass AND tgname = ANY(:names)"
+        ), {"names": list(_APPEND_ONLY_TRIGGERS)}).scalar_one()
+        if installed == len(_APPEND_ONLY_TRIGGERS):
+            return
         conn.execute(text(
             "CREATE OR REPLACE FUNCTION memwarden_events_append_only() RETURNS trigger "
             "LANGUAGE plpgsql AS $$ BEGIN "

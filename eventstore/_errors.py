@@ -2,6 +2,7 @@
 
     EventStoreError
     ├── ConcurrencyError      an append's expected_version is stale (HTTP 409)
+    ├── IntegrityError        the database refused a write that breaks a uniqueness rule
     ├── UpcastError           a stored event cannot be brought to the current schema
     └── BackendError          the database failed or cannot be reached
 """
@@ -26,7 +27,9 @@ class ConcurrencyError(EventStoreError):
         )
 
 
-    """The database refused to update or delete a stored event."""
+class IntegrityError(EventStoreError):
+    """The database refused a write that breaks a uniqueness rule, e.g. an event_id that is
+    already in the log."""
 
 
 class UpcastError(EventStoreError):

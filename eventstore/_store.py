@@ -30,7 +30,7 @@ from eventstore._envelope import (
     event_hash,
     utcnow,
 )
-from eventstore._errors import BackendError, ConcurrencyError
+from eventstore._errors import BackendError, ConcurrencyError, IntegrityError
 from eventstore._schema import events, metadata
 from eventstore._upcasting import Upcasters
 
@@ -89,6 +89,8 @@ class VerificationReport:
 def _translated_errors() -> Iterator[None]:
     try:
         yield
+    except sa_exc.IntegrityError as error:
+        raise IntegrityError(str(error.orig or error)) from error
     except sa_exc.OperationalError as error:
         raise BackendError(str(error.orig or error)) from error
 
@@ -110,7 +112,11 @@ class EventStore:
         return store
 
     def create_schema(self) -> None:
-        with _translated_errors(), self.engine.begin() as conn:
+        # Stores opened at the same moment (worker processes starting together) would otherwise
+        # race to create the same table and triggers: serialize them, and create only what is
+        # missing.
+        with _translated_errors(), self.write_connection() as conn, conn.begin():
+            self.dialect.lock_for_schema_setup(conn)
             metadata.create_all(conn)
             self.dialect.install_append_only_triggers(conn)
 
@@ -151,7 +157,10 @@ class EventStore:
                 if then is not None:
                     then(conn, stored)
                 return stored
-        except sa_exc.IntegrityError:
+        except IntegrityError:
+            # Either a creation whose stream exists (the unique (stream_id, stream_version)
+            # key), which callers must see as the ConcurrencyError it is, or another rule,
+            # such as an event_id already in the log.
             self._raise_if_already_created(appends)
             raise
 

@@ -101,10 +101,15 @@ class ProjectionRunner:
         batch = self.store.read_all(low, limit=batch_size, connection=conn)
         if not batch:
             return 0
-        for projection in projections:
+        # The batch starts after the checkpoint furthest behind (e.g. a read model added to an
+        # existing database). One already past the batch keeps its checkpoint: moving it back
+        # would make the next batch apply those events again.
+        last = batch[-1].position
+        behind = [p for p in projections if positions[p.name] < last]
+        for projection in behind:
             mark = positions[projection.name]
             projection.apply(conn, [e for e in batch if e.position > mark])
-        _move_checkpoints(conn, [p.name for p in projections], batch[-1].position)
+        _move_checkpoints(conn, [p.name for p in behind], last)
         return len(batch)
 
     def _locked_checkpoints(self, conn: Connection) -> dict[str, int]:

@@ -30,6 +30,7 @@ from eventstore import (
     EventContext,
     EventStore,
     EventStoreError,
+    IntegrityError,
     NewEvent,
     StoredEvent,
     StreamAppend,
@@ -581,24 +582,21 @@ def test_positions_stay_gap_free_under_concurrent_processes(
         store.close()
 
 
-# -- known bugs (the store's files are being reworked; these document what is wrong) -------
+# -- duplicate event ids, stores opened concurrently ---------------------------------------
 
 
-@pytest.mark.xfail(strict=True, raises=sa_exc.IntegrityError,
-                   reason="bug: a duplicate event_id leaks sqlalchemy.exc.IntegrityError instead "
-                          "of an EventStoreError (eventstore/_store.py _translated_errors)")
 def test_appending_an_event_id_twice_raises_an_event_store_error(store: EventStore) -> None:
     event = note()
     store.append("a", [event], expected_version=0, context=CONTEXT)
 
-    with pytest.raises(EventStoreError):
+    with pytest.raises(IntegrityError, match="event_id") as raised:
         store.append("b", [event], expected_version=0, context=CONTEXT)
 
+    assert isinstance(raised.value, EventStoreError)
+    assert store.head_position() == 1
+    assert store.read_stream("b") == []
 
-@pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="bug: EventStore.open replaces the trigger function unconditionally; "
-                          "concurrent opens fail with 'tuple concurrently updated' "
-                          "(eventstore/_dialects.py install_append_only_triggers)")
+
 def test_stores_opened_concurrently_on_one_postgres_schema_all_work(postgres_url: str) -> None:
     first = EventStore.open(postgres_url)
     opened: list[EventStore] = []

@@ -12,7 +12,6 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 from sqlalchemy import Connection, func, select
-from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
 from eventstore import (
@@ -351,10 +350,6 @@ def test_a_projector_killed_mid_batch_resumes_applying_each_event_exactly_once(
     assert digest_of_a_clean_rebuild(store) == incremental
 
 
-@pytest.mark.xfail(strict=True, raises=sa_exc.IntegrityError,
-                   reason="bug: a batch moves every checkpoint to its last position, so a "
-                          "projection that was ahead goes back and re-applies events "
-                          "(projections/_runner.py _apply_batch)")
 def test_projections_at_different_checkpoints_each_apply_only_what_they_miss(
         store: EventStore) -> None:
     """E.g. a read model added to an existing database starts at 0 while the others are at
