@@ -16,36 +16,30 @@ from governance._errors import (
     VersionConflict,
     VersionNotFound,
 )
-from governance._keys import (
-    ALL_TENANTS,
-    ROLES,
-    ApiKeys,
-    Forbidden,
-    IssuedKey,
-    Principal,
-    Unauthenticated,
-    authorize,
-    key_as_dict,
-)
+from governance._keys import ALL_TENANTS, ApiKeys, IssuedKey, Unauthenticated, key_as_dict
+from governance._policy import AccessPolicy, Decision, PermissionDenied, PolicyRule
+from governance._principal import ACTIONS, PLATFORM, ROLES, Principal, Resource
 from governance._memcube import KINDS, SEMANTIC_TYPES, SOURCES, Limits, MemCube, MemoryMetadata
 from governance._sdk import Diff, MemWarden, diff_states, state_as_dict
 from projections import AuditEntry, AuditFilter, CubeFilter, MemoryState, Usage, Version
 
 __all__ = [
+    "ACTIONS",
     "ALL_TENANTS",
     "ENVIRONMENT_VARIABLES",
     "KINDS",
     "ROLES",
     "SEMANTIC_TYPES",
     "SOURCES",
+    "AccessPolicy",
     "ApiKeys",
     "AuditEntry",
     "AuditFilter",
     "ConfigError",
     "CubeFilter",
+    "Decision",
     "Diff",
     "EmptyText",
-    "Forbidden",
     "InvalidCommand",
     "IssuedKey",
     "Limits",
@@ -56,7 +50,11 @@ __all__ = [
     "MemoryMetadata",
     "MemoryState",
     "NotFound",
+    "PLATFORM",
+    "PermissionDenied",
+    "PolicyRule",
     "Principal",
+    "Resource",
     "Settings",
     "StateConflict",
     "TextTooLarge",
@@ -65,7 +63,6 @@ __all__ = [
     "Version",
     "VersionConflict",
     "VersionNotFound",
-    "authorize",
     "create_app",
     "diff_states",
     "key_as_dict",

@@ -4,7 +4,8 @@
     app = create_app(memwarden)             # shares an open handle; its owner closes it
 
 Every route but ``/v1/healthz`` needs ``Authorization: Bearer <key>``. The key's subject is the
-actor recorded on every event the request causes, and ``authorize`` decides what the key may do.
+actor recorded on every event the request causes; the SDK handle acting as the key's principal
+asks the access policy before every operation (the one enforcement point), so routes never decide.
 Errors are RFC 9457 problem details (``application/problem+json``) with a sentence a person can
 act on; a request that fails writes nothing, because every check runs before the append.
 """
@@ -16,7 +17,6 @@ import hashlib
 import http
 import logging
 import threading
-from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -54,6 +54,9 @@ from governance._api_schemas import (
     MemoryRollback,
     MemoryVersion,
     Name,
+    PolicyChange,
+    PolicyChangeIn,
+    PolicyRuleList,
     Problem,
     Readiness,
     Text,
@@ -72,18 +75,12 @@ from governance._errors import (
     VersionConflict,
     VersionNotFound,
 )
-from governance._keys import (
-    ALL_TENANTS,
-    ApiKeys,
-    Forbidden,
-    Principal,
-    Unauthenticated,
-    authorize,
-    key_as_dict,
-)
+from governance._keys import ApiKeys, Unauthenticated, key_as_dict
+from governance._policy import PermissionDenied, PolicyRule
+from governance._principal import Principal
 from governance._memcube import KINDS
 from governance._sdk import MemWarden, state_as_dict
-from projections import MAX_PAGE, AuditFilter, CubeFilter, ReadModels
+from projections import MAX_PAGE, AuditFilter, CubeFilter
 
 PROBLEM_JSON = "application/problem+json"
 logger = logging.getLogger("memwarden.api")
@@ -91,13 +88,12 @@ logger = logging.getLogger("memwarden.api")
 # JSON escapes can make a body several times larger than the text it carries (\u00e9 is six
 # bytes for two); the text limit itself is enforced, with its own message, by the domain.
 _BODY_BYTES_PER_TEXT_BYTE = 8
-TENANT_CACHE_SIZE = 100_000
 
 # -- errors ----------------------------------------------------------------------------------
 
 _STATUS_OF: tuple[tuple[type[MemWardenError], int], ...] = (
     (Unauthenticated, 401),
-    (Forbidden, 403),
+    (PermissionDenied, 403),
     (NotFound, 404),
     (VersionConflict, 409),
     (StateConflict, 409),
@@ -129,6 +125,10 @@ async def _domain_error(request: Request, error: Exception) -> JSONResponse:
     status = next((s for kind, s in _STATUS_OF if isinstance(error, kind)), 400)
     headers = {"WWW-Authenticate": "Bearer"} if status == 401 else None
     current = error.current if isinstance(error, VersionConflict) else None
+    if isinstance(error, PermissionDenied) and error.hides_existence:
+        # Another tenant's resource: answer exactly as for one that does not exist.
+        resource = error.decision.resource
+        return problem(404, f"no {resource.kind} with id {resource.id!r}")
     return problem(status, str(error), headers=headers, current_version=current)
 
 
@@ -286,38 +286,10 @@ class _RecentKeys:
                            if principal.key_id != key_id}
 
 
-class _MemoryTenants:
-    """The tenant of each memory. It never changes, so answers are kept (the ``size`` most
-    recent) and most requests skip the lookup. Read without the SDK's ``get``, which would
-    record a read that the caller may not be allowed."""
-
-    def __init__(self, reads: ReadModels, size: int) -> None:
-        self._reads = reads
-        self._size = size
-        self._lock = threading.Lock()
-        self._tenants: OrderedDict[str, str] = OrderedDict()
-
-    def of(self, cube_id: str) -> str:
-        with self._lock:
-            tenant = self._tenants.get(cube_id)
-            if tenant is not None:
-                self._tenants.move_to_end(cube_id)
-                return tenant
-        state = self._reads.cube(cube_id)
-        if state is None:
-            raise NotFound(f"no memory with id {cube_id!r}")
-        with self._lock:
-            self._tenants[cube_id] = state.tenant
-            if len(self._tenants) > self._size:
-                self._tenants.popitem(last=False)
-        return state.tenant
-
-
 @dataclass(frozen=True, slots=True)
 class _Services:
     memwarden: MemWarden
     keys: _RecentKeys
-    tenants: _MemoryTenants
 
 
 @dataclass(frozen=True, slots=True)
@@ -332,20 +304,6 @@ class Caller:
     def keys(self) -> ApiKeys:
         return ApiKeys(self.memwarden)
 
-    def may(self, action: str, tenant: str | None) -> None:
-        authorize(self.principal, action, tenant)
-
-    def scope(self, action: str, tenant: str | None) -> str | None:
-        """The tenant a listing is limited to: the one asked for, else the key's own (None: all
-        tenants, for keys that act in all)."""
-        if tenant is None and self.principal.tenant != ALL_TENANTS:
-            tenant = self.principal.tenant
-        self.may(action, ALL_TENANTS if tenant is None else tenant)
-        return tenant
-
-    def may_touch_memory(self, action: str, cube_id: str) -> None:
-        self.may(action, self.services.tenants.of(cube_id))
-
 
 _bearer = HTTPBearer(auto_error=False, description="an API key (memwarden keys create)")
 
@@ -357,7 +315,7 @@ def _caller(request: Request, credentials: Annotated[
                               "(create one with: memwarden keys create)")
     services: _Services = request.app.state.services
     principal = services.keys.authenticate(credentials.credentials)
-    return Caller(principal, services.memwarden.acting_as(principal.subject), services)
+    return Caller(principal, services.memwarden.as_principal(principal), services)
 
 
 CallerDep = Annotated[Caller, Depends(_caller)]
@@ -404,7 +362,6 @@ memories = APIRouter(prefix="/memories", tags=["memories"], dependencies=_CHECKE
     400, *_AUTH, 413, 422))
 def add_memory(body: MemoryCreate, caller: CallerDep, response: Response) -> dict[str, Any]:
     """Add a memory (version 1)."""
-    caller.may("memory.create", body.tenant)
     state = caller.memwarden.add(
         body.text, tenant=body.tenant, owner=body.owner, kind=body.kind, reason=body.reason,
         metadata=body.metadata.given() if body.metadata else None, cube_id=body.id)
@@ -424,7 +381,6 @@ def list_memories(
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
 ) -> dict[str, Any]:
     """One page of memories in id order; a key sees only its own tenant's."""
-    tenant = caller.scope("memory.read_content", tenant)
     page = caller.memwarden.list(
         CubeFilter(tenant=tenant, owner=owner, kind=kind, label=label, state=state),
         after=after, limit=limit)
@@ -442,7 +398,6 @@ def get_memory(
                     "it was then, replayed from the log")] = None,
 ) -> dict[str, Any]:
     """A memory's current state, or its state as of a position or moment."""
-    caller.may_touch_memory("memory.read_content", cube_id)
     if as_of is None:
         return state_as_dict(caller.memwarden.get(cube_id))
     position, moment = _parse_as_of(as_of)
@@ -469,7 +424,6 @@ def _parse_as_of(value: str) -> tuple[int | None, datetime | None]:
 def update_memory(cube_id: MemoryId, body: MemoryPatch, caller: CallerDep) -> dict[str, Any]:
     """Change text and/or metadata: a new version. ``expected_version`` guards against lost
     updates."""
-    caller.may_touch_memory("memory.update", cube_id)
     return state_as_dict(caller.memwarden.update(
         cube_id, text=body.text, metadata=body.metadata.given() if body.metadata else None,
         expected_version=body.expected_version, reason=body.reason))
@@ -483,7 +437,6 @@ def delete_memory(
     expected_version: Annotated[int | None, Query(ge=0, le=MAX_VERSION)] = None,
 ) -> dict[str, Any]:
     """Soft-delete a memory: a new version; history is kept and restore undoes it."""
-    caller.may_touch_memory("memory.delete", cube_id)
     return state_as_dict(caller.memwarden.delete(cube_id, reason=reason,
                                            expected_version=expected_version))
 
@@ -492,7 +445,6 @@ def delete_memory(
 def restore_memory(cube_id: MemoryId, caller: CallerDep,
                    body: MemoryRestore | None = None) -> dict[str, Any]:
     """Restore a soft-deleted memory."""
-    caller.may_touch_memory("memory.restore", cube_id)
     body = body or MemoryRestore()
     return state_as_dict(caller.memwarden.restore(cube_id, reason=body.reason,
                                             expected_version=body.expected_version))
@@ -501,7 +453,6 @@ def restore_memory(cube_id: MemoryId, caller: CallerDep,
 @memories.get("/{cube_id}/versions", response_model=VersionList, responses=_READ)
 def list_versions(cube_id: MemoryId, caller: CallerDep) -> dict[str, Any]:
     """Every version of a memory, oldest first, with the reason given for each."""
-    caller.may_touch_memory("memory.read_content", cube_id)
     return {"items": [version_document(v) for v in caller.memwarden.history(cube_id)]}
 
 
@@ -509,7 +460,6 @@ def list_versions(cube_id: MemoryId, caller: CallerDep) -> dict[str, Any]:
 def get_version(cube_id: MemoryId, number: Annotated[int, Path(ge=1, le=MAX_VERSION)],
                 caller: CallerDep) -> dict[str, Any]:
     """One version of a memory."""
-    caller.may_touch_memory("memory.read_content", cube_id)
     try:
         return version_document(caller.memwarden.version(cube_id, number))
     except VersionNotFound as error:  # a path names a resource: a missing one is 404
@@ -524,7 +474,6 @@ def diff_versions(
     to_version: Annotated[int, Query(alias="to", ge=1, le=MAX_VERSION)],
 ) -> dict[str, Any]:
     """What changed between two versions."""
-    caller.may_touch_memory("memory.read_content", cube_id)
     diff = caller.memwarden.diff(cube_id, from_version, to_version)
     return {"id": cube_id, "from_version": diff.from_version, "to_version": diff.to_version,
             "text_diff": diff.text_diff,
@@ -535,7 +484,6 @@ def diff_versions(
 @memories.post("/{cube_id}/rollback", response_model=Memory, responses=_WRITE)
 def rollback_memory(cube_id: MemoryId, body: MemoryRollback, caller: CallerDep) -> dict[str, Any]:
     """Append a new version whose content equals ``to_version``; nothing is rewritten."""
-    caller.may_touch_memory("memory.rollback", cube_id)
     return state_as_dict(caller.memwarden.rollback(cube_id, body.to_version, reason=body.reason,
                                              expected_version=body.expected_version))
 
@@ -558,7 +506,6 @@ def audit_trail(
     newest_first: bool = False,
 ) -> dict[str, Any]:
     """Who did what to which memory, when and why (never memory content)."""
-    tenant = caller.scope("audit.read", tenant)
     page = caller.memwarden.audit(
         AuditFilter(tenant=tenant, actor=actor, cube_id=cube_id, types=event_type,
                     since=since, until=until),
@@ -570,7 +517,6 @@ def audit_trail(
 @log.get("/verify", response_model=Verification, responses=_errors(*_AUTH, 422))
 def verify_log(caller: CallerDep) -> dict[str, Any]:
     """Recompute the hash chain of the whole log and name the first broken event."""
-    caller.may("integrity.verify", None)
     report = caller.memwarden.verify()
     brk = report.first_break
     return {"ok": report.ok, "checked": report.checked, "head_position": report.head_position,
@@ -585,7 +531,6 @@ keys = APIRouter(prefix="/keys", tags=["keys"], dependencies=_CHECKED)
     400, *_AUTH, 413, 422))
 def create_key(body: KeyCreate, caller: CallerDep) -> dict[str, Any]:
     """Issue an API key; the response is the only place the key itself ever appears."""
-    caller.may("key.manage", body.tenant)
     issued = caller.keys.issue(tenant=body.tenant, subject=body.subject, role=body.role)
     return {**key_as_dict(issued.record), "key": issued.secret}
 
@@ -594,7 +539,6 @@ def create_key(body: KeyCreate, caller: CallerDep) -> dict[str, Any]:
 def list_keys(caller: CallerDep, tenant: Name | None = None,
               include_revoked: bool = False) -> dict[str, Any]:
     """The keys of a tenant (never the keys themselves)."""
-    tenant = caller.scope("key.manage", tenant)
     return {"items": [key_as_dict(r) for r in caller.keys.list(
         tenant=tenant, include_revoked=include_revoked)]}
 
@@ -606,10 +550,44 @@ def revoke_key(
     reason: Annotated[Text, Query(min_length=1, description="why (recorded)")],
 ) -> dict[str, Any]:
     """Revoke a key: requests with it are refused from now on."""
-    caller.may("key.manage", caller.keys.get(key_id).tenant)
     revoked = caller.keys.revoke(key_id, reason=reason)
     caller.services.keys.forget(key_id)
     return key_as_dict(revoked)
+
+
+policies = APIRouter(prefix="/policies", tags=["policies"], dependencies=_CHECKED)
+
+
+@policies.get("", response_model=PolicyRuleList, responses=_errors(*_AUTH, 422))
+def list_policy_rules(caller: CallerDep) -> dict[str, Any]:
+    """The access rules in force in the key's tenant (every rule, for a platform key)."""
+    return {"items": [rule.fields() for rule in caller.memwarden.policy_rules()]}
+
+
+@policies.post("", status_code=201, response_model=PolicyChange, responses=_errors(
+    400, *_AUTH, 404, 409, 413, 422))
+def add_policy_rule(body: PolicyChangeIn, caller: CallerDep) -> dict[str, Any]:
+    """Put a rule in force: a PolicyRuleAdded event; every process applies it to its next
+    request."""
+    rule = PolicyRule.parse(body.rule)
+    revision = caller.memwarden.add_policy_rule(rule, reason=body.reason)
+    return {"rule": rule.fields(), "revision": revision}
+
+
+@policies.delete("", response_model=PolicyChange, responses=_errors(*_AUTH, 404, 409, 422))
+def remove_policy_rule(
+    caller: CallerDep,
+    rule: Annotated[list[Name],
+                    Query(min_length=2, max_length=7,
+                          description="the rule's fields in order, e.g. "
+                                      "rule=p&rule=agent&rule=acme&rule=memory.read_content"
+                                      "&rule=own")],
+    reason: Annotated[Text, Query(min_length=1, description="why (recorded)")],
+) -> dict[str, Any]:
+    """Take a rule out of force: a PolicyRuleRemoved event."""
+    parsed = PolicyRule.parse(rule)
+    revision = caller.memwarden.remove_policy_rule(parsed, reason=reason)
+    return {"rule": parsed.fields(), "revision": revision}
 
 
 health = APIRouter(tags=["health"])
@@ -629,7 +607,7 @@ def readyz(caller: CallerDep) -> dict[str, Any]:
             "projected_position": min(memwarden.projector.checkpoints().values())}
 
 
-_ROUTERS = (memories, log, keys, health)
+_ROUTERS = (memories, log, keys, policies, health)
 
 # -- the app ---------------------------------------------------------------------------------
 
@@ -659,8 +637,7 @@ def create_app(source: Settings | MemWarden | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.services = _Services(
-        memwarden, _RecentKeys(ApiKeys(memwarden)),
-        _MemoryTenants(ReadModels(memwarden.store.engine), TENANT_CACHE_SIZE))
+        memwarden, _RecentKeys(ApiKeys(memwarden)))
     app.add_middleware(_BodyLimit, max_bytes=max_body_bytes)
     app.add_exception_handler(MemWardenError, _domain_error)
     app.add_exception_handler(RequestValidationError, _invalid_request)

@@ -11,7 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from governance._keys import ALL_TENANTS, ROLES
+from governance._keys import ALL_TENANTS
+from governance._principal import ROLES
 from governance._memcube import KINDS, SEMANTIC_TYPES, SOURCES, MemoryMetadata
 from governance._sdk import state_as_dict
 from projections import AuditEntry
@@ -45,6 +46,8 @@ class MetadataIn(_Input):
     ttl_seconds: Annotated[int, Field(ge=1, le=MAX_POSITION)] | None = None
     priority: Annotated[int, Field(ge=0, le=10)] = _DEFAULT_METADATA.priority
     retention_class: Name = _DEFAULT_METADATA.retention_class
+    shared_with: list[Name] = Field(
+        default=[], description="subjects (agents) besides the creator that may read it")
 
     def given(self) -> dict[str, Any]:
         return self.model_dump(exclude_unset=True)
@@ -84,6 +87,23 @@ class KeyCreate(_Input):
     role: Literal[ROLES]  # type: ignore[valid-type]
 
 
+class PolicyChangeIn(_Input):
+    rule: list[Name] = Field(
+        min_length=2, max_length=7,
+        description="['p', role, tenant, action, scope] or ['g', role, inherited_role, tenant]; "
+                    "tenant '*' means every tenant")
+    reason: Annotated[Text, StringConstraints(min_length=1)]
+
+
+class PolicyChange(BaseModel):
+    rule: list[str]
+    revision: int = Field(description="the policy's revision after the change")
+
+
+class PolicyRuleList(BaseModel):
+    items: list[list[str]]
+
+
 class Metadata(BaseModel):
     source: str
     semantic_type: str
@@ -92,6 +112,7 @@ class Metadata(BaseModel):
     ttl_seconds: int | None
     priority: int
     retention_class: str
+    shared_with: list[str] = []
 
 
 class Memory(BaseModel):

@@ -29,12 +29,15 @@ from governance._errors import (
     TextTooLarge,
     VersionConflict,
 )
-from governance._keys import ROLES, ApiKeys, key_as_dict
+from governance._keys import ApiKeys, Unauthenticated, key_as_dict
+from governance._policy import PermissionDenied, PolicyRule
+from governance._principal import PLATFORM, ROLES, Resource
 from governance._memcube import SEMANTIC_TYPES, SOURCES
 from governance._sdk import MemWarden, state_as_dict
 from projections import ApiKeyRecord, AuditEntry, AuditFilter, CubeFilter, MemoryState
 
-EXIT_OK, EXIT_FAILURE, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_INTEGRITY = range(6)
+(EXIT_OK, EXIT_FAILURE, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_INTEGRITY,
+ EXIT_DENIED) = range(7)
 
 console = Console()
 err_console = Console(stderr=True)
@@ -42,6 +45,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _exit_code(error: MemWardenError) -> int:
+    if isinstance(error, PermissionDenied) and error.hides_existence:
+        return EXIT_NOT_FOUND
+    if isinstance(error, PermissionDenied | Unauthenticated):
+        return EXIT_DENIED
     if isinstance(error, NotFound):
         return EXIT_NOT_FOUND
     if isinstance(error, VersionConflict | StateConflict):
@@ -52,16 +59,24 @@ def _exit_code(error: MemWardenError) -> int:
 
 
 class _Context:
-    def __init__(self, db_url: str | None, actor: str | None) -> None:
+    def __init__(self, db_url: str | None, actor: str | None, key: str | None) -> None:
         self._db_url = db_url
         self._actor = actor
+        self._key = key
         self._memwarden: MemWarden | None = None
 
     def memwarden(self) -> MemWarden:
+        """The handle every command uses: as the key's principal, or the local operator."""
         if self._memwarden is None:
             settings = Settings.from_env()
-            actor = self._actor or settings.actor or _default_actor()
-            self._memwarden = MemWarden.open(self._db_url, actor=actor, settings=settings)
+            if self._key is not None:
+                if self._actor is not None:
+                    raise InvalidCommand("--actor names the local operator; with an API key, "
+                                         "the key's subject acts")
+                self._memwarden = MemWarden.open(self._db_url, key=self._key, settings=settings)
+            else:
+                actor = self._actor or settings.actor or _default_actor()
+                self._memwarden = MemWarden.open(self._db_url, actor=actor, settings=settings)
         return self._memwarden
 
     def close(self) -> None:
@@ -89,7 +104,12 @@ def command(group: click.Group, name: str | None = None) -> Callable[[F], F]:
             try:
                 func(ctx.memwarden(), *args, **kwargs)
             except MemWardenError as error:
-                err_console.print(f"[red]error:[/red] {error}", highlight=False)
+                message = str(error)
+                if isinstance(error, PermissionDenied) and error.hides_existence:
+                    # Another tenant's: say exactly what a missing one would.
+                    resource = error.decision.resource
+                    message = f"no {resource.kind} with id {resource.id!r}"
+                err_console.print(f"[red]error:[/red] {message}", highlight=False)
                 sys.exit(_exit_code(error))
             except (ConfigError, EventStoreError) as error:
                 err_console.print(f"[red]error:[/red] {error}", highlight=False)
@@ -137,13 +157,22 @@ def _show_memory(memory: MemoryState) -> None:
 @click.group()
 @click.option("--db", "db_url", envvar="MEMWARDEN_DB_URL", default=None,
               help="Database URL (default: sqlite:///./data/memwarden.db).")
+@click.option("--key", envvar="MEMWARDEN_API_KEY", default=None,
+              help="Act as this API key's principal (default: $MEMWARDEN_API_KEY; without one, "
+                   "act as the local operator).")
 @click.option("--actor", default=None,
-              help="Who is acting (recorded on every event). Default: $MEMWARDEN_ACTOR or cli:<user>.")
+              help="The local operator's name, recorded on every event (without --key). "
+                   "Default: $MEMWARDEN_ACTOR or cli:<user>.")
 @click.version_option(package_name="memwarden")
 @click.pass_context
-def cli(ctx: click.Context, db_url: str | None, actor: str | None) -> None:
-    """MemWarden: governance for LLM agent memory."""
-    ctx.obj = _Context(db_url, actor)
+def cli(ctx: click.Context, db_url: str | None, key: str | None, actor: str | None) -> None:
+    """MemWarden: governance for LLM agent memory.
+
+    Every command goes through the access policy. With --key (or $MEMWARDEN_API_KEY) it acts as
+    that key's subject, role and tenant; without one, as the local operator (the admin role),
+    as anyone who can open the database could.
+    """
+    ctx.obj = _Context(db_url, actor, key)
 
 
 def _metadata_options(func: F) -> F:
@@ -157,6 +186,8 @@ def _metadata_options(func: F) -> F:
                      help="Time to live, seconds."),
         click.option("--priority", type=click.IntRange(0, 10), help="Priority 0-10."),
         click.option("--retention-class", help="Retention class name."),
+        click.option("--share-with", "shared_with", multiple=True,
+                     help="Subject that may also read it (repeatable)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -166,7 +197,7 @@ def _metadata_options(func: F) -> F:
 def _metadata_from(options: dict[str, Any]) -> dict[str, Any] | None:
     metadata = {k: options[k] for k in ("source", "semantic_type", "ttl_seconds", "priority",
                                         "retention_class") if options.get(k) is not None}
-    for key in ("tags", "labels"):
+    for key in ("tags", "labels", "shared_with"):
         if options.get(key):
             metadata[key] = list(options[key])
     return metadata or None
@@ -461,8 +492,8 @@ def rebuild_command(mw: MemWarden, names: tuple[str, ...], as_json: bool) -> Non
 @json_option
 def status_command(mw: MemWarden, as_json: bool) -> None:
     """Each read model's checkpoint against the head of the log."""
+    checkpoints = mw.projection_checkpoints()
     head = mw.store.head_position()
-    checkpoints = mw.projector.checkpoints()
     if as_json:
         _print_json({"head": head, "checkpoints": checkpoints})
         return
@@ -557,6 +588,7 @@ def up_command(mw: MemWarden, host: str | None, port: int | None) -> None:
     """Start the REST API, the projector and the workers in one process (Ctrl+C stops)."""
     from governance._up import run_stack  # imports uvicorn and FastAPI: only for this command
 
+    mw.require("platform.operate", Resource.of_tenant(PLATFORM))
     settings = Settings.from_env()
     run_stack(mw, host=host or settings.api_host,
               port=settings.api_port if port is None else port,
@@ -565,3 +597,59 @@ def up_command(mw: MemWarden, host: str | None, port: int | None) -> None:
 
 def main() -> None:
     cli(prog_name="memwarden")
+
+
+@cli.group("policy")
+def policy_group() -> None:
+    """Access rules (Casbin): list, add, remove. Every change is an audited event."""
+
+
+def _rule_fields(ptype: str, values: tuple[str, ...]) -> PolicyRule:
+    return PolicyRule.parse([ptype, *values])
+
+
+@command(policy_group, "list")
+@json_option
+def policy_list_command(mw: MemWarden, as_json: bool) -> None:
+    """The rules in force in your tenant (every rule, for the platform admin)."""
+    rules = mw.policy_rules()
+    if as_json:
+        _print_json([rule.fields() for rule in rules])
+        return
+    table = Table("type", "role", "tenant / inherits", "action / tenant", "scope")
+    for rule in rules:
+        table.add_row(*rule.fields())
+    console.print(table)
+
+
+@command(policy_group, "add")
+@click.argument("ptype", type=click.Choice(["p", "g"]))
+@click.argument("values", nargs=-1, required=True)
+@click.option("--reason", required=True, help="Why (recorded).")
+@json_option
+def policy_add_command(mw: MemWarden, ptype: str, values: tuple[str, ...], reason: str,
+                       as_json: bool) -> None:
+    """Put a rule in force. PTYPE VALUES...: 'p ROLE TENANT ACTION SCOPE' or
+    'g ROLE INHERITED_ROLE TENANT'; TENANT '*' means every tenant."""
+    rule = _rule_fields(ptype, values)
+    revision = mw.add_policy_rule(rule, reason=reason)
+    if as_json:
+        _print_json({"rule": rule.fields(), "revision": revision})
+    else:
+        console.print(f"added: {rule} (policy revision {revision})")
+
+
+@command(policy_group, "remove")
+@click.argument("ptype", type=click.Choice(["p", "g"]))
+@click.argument("values", nargs=-1, required=True)
+@click.option("--reason", required=True, help="Why (recorded).")
+@json_option
+def policy_remove_command(mw: MemWarden, ptype: str, values: tuple[str, ...], reason: str,
+                          as_json: bool) -> None:
+    """Take a rule out of force (same form as 'policy add')."""
+    rule = _rule_fields(ptype, values)
+    revision = mw.remove_policy_rule(rule, reason=reason)
+    if as_json:
+        _print_json({"rule": rule.fields(), "revision": revision})
+    else:
+        console.print(f"removed: {rule} (policy revision {revision})")

@@ -1,12 +1,14 @@
-"""API keys: who is calling (authentication) and, until the Casbin policy lands, what they may do.
+"""API keys: who is calling (authentication); the access policy decides what they may do.
 
 A key is ``mwk_<key id>_<secret>``. Issuing one appends ``ApiKeyIssued`` with the sha256 of the
 whole key (never the key); revoking appends ``ApiKeyRevoked``. Keys are random 256-bit secrets,
 so a plain sha256 cannot be brute-forced and a slow password hash would only cost latency.
 Presented keys are found by id and compared by hash in constant time.
 
-Each key carries a tenant (``*`` for all tenants, admin keys only), a subject (recorded as the
-actor of every event the key causes) and a role. ``authorize`` is the one enforcement point.
+Each key carries a tenant (``*`` for all tenants), a subject (recorded as the actor of every
+event the key causes) and a role: together a ``Principal``. Issuing a key needs ``key.manage``
+in its tenant, and no one may issue a key that could do more than their own
+(``AccessPolicy.check_grant``).
 """
 
 from __future__ import annotations
@@ -16,12 +18,15 @@ import hmac
 import secrets
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import Engine
 
 from eventstore import ConcurrencyError, EventContext, NewEvent
 from governance._errors import InvalidCommand, MemWardenError, NotFound, StateConflict
-from governance._memcube import _required_reason, validate_identifier
-from governance._sdk import MemWarden
+from governance._memcube import _required_reason
+from governance._policy import PermissionDenied
+from governance._principal import PLATFORM, Principal, Resource, validate_role
 from projections import (
     API_KEY_ISSUED,
     API_KEY_REVOKED,
@@ -31,63 +36,15 @@ from projections import (
     evolve_key,
 )
 
-ALL_TENANTS = "*"
-_PREFIX = "mwk"
+if TYPE_CHECKING:
+    from governance._sdk import MemWarden
 
-# Actions, named as in the access policy (DESIGN.md section 4) so the Casbin enforcer can take
-# over ``authorize`` without the routes changing; what each phrase says is what a denial says.
-ACTIONS = {
-    "memory.create": "add memories",
-    "memory.read_content": "read memories",
-    "memory.update": "change memories",
-    "memory.delete": "delete memories",
-    "memory.restore": "restore memories",
-    "memory.rollback": "roll memories back",
-    "audit.read": "read the audit trail",
-    "integrity.verify": "verify the log",
-    "key.manage": "issue or revoke API keys",
-}
-_MEMORY_WORK = {"memory.create", "memory.read_content", "memory.update", "memory.delete",
-                "memory.restore", "memory.rollback"}
-_ROLE_ACTIONS: dict[str, set[str]] = {
-    "admin": set(ACTIONS),
-    "tenant_admin": set(ACTIONS),
-    "compliance_officer": (_MEMORY_WORK - {"memory.create"}) | {"audit.read",
-                                                                "integrity.verify"},
-    "agent": _MEMORY_WORK,
-    "auditor": {"audit.read", "integrity.verify"},
-}
-ROLES = tuple(_ROLE_ACTIONS)
+ALL_TENANTS = PLATFORM
+_PREFIX = "mwk"
 
 
 class Unauthenticated(MemWardenError):
     """No key, an unknown key, or a revoked one (HTTP 401)."""
-
-
-class Forbidden(MemWardenError):
-    """The key is valid but may not do this (HTTP 403)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Principal:
-    """The authenticated caller behind a request: a subject under one role in one tenant."""
-
-    subject: str
-    tenant: str
-    role: str
-    key_id: str
-
-
-def authorize(principal: Principal, action: str, tenant: str | None) -> None:
-    """Allow ``action`` on ``tenant`` (``*``: across all tenants; None: no tenant's data) or raise.
-
-    The Casbin policy replaces this function; every surface calls it before acting.
-    """
-    if action not in _ROLE_ACTIONS.get(principal.role, ()):
-        raise Forbidden(f"a key with role {principal.role!r} may not {ACTIONS[action]}")
-    if tenant is not None and principal.tenant not in (ALL_TENANTS, tenant):
-        scope = "all tenants" if tenant == ALL_TENANTS else f"tenant {tenant!r}"
-        raise Forbidden(f"this key acts only in tenant {principal.tenant!r}, not in {scope}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,13 +70,16 @@ class ApiKeys:
         self._queries = ApiKeyQueries(memwarden.store.engine)
 
     def issue(self, *, tenant: str, subject: str, role: str) -> IssuedKey:
-        validate_identifier("tenant", tenant)
-        validate_identifier("subject", subject)
-        if role not in _ROLE_ACTIONS:
-            raise InvalidCommand(f"role must be one of {', '.join(ROLES)}; got {role!r}")
+        Principal(subject, tenant, validate_role(role))  # every name plain, or InvalidCommand
+        known = self._memwarden.policy.known_roles()
+        if role not in known:
+            raise InvalidCommand(f"role must be one of {', '.join(known)}; got {role!r}")
         if (role == "admin") != (tenant == ALL_TENANTS):
             raise InvalidCommand("the admin role, and only it, acts in all tenants "
                                  f"(tenant {ALL_TENANTS!r})")
+        decision = self._memwarden.policy.check_grant(self._memwarden.principal, role, tenant)
+        if not decision.allowed:
+            raise PermissionDenied(decision)
         key_id = secrets.token_hex(8)
         secret = f"{_PREFIX}_{key_id}_{secrets.token_urlsafe(32)}"
         event = NewEvent(API_KEY_ISSUED, {"key_id": key_id, "subject": subject, "role": role,
@@ -129,6 +89,9 @@ class ApiKeys:
     def revoke(self, key_id: str, *, reason: str | None) -> ApiKeyRecord:
         why = _required_reason(reason, "revoke a key")
         record = self.get(key_id)
+        if not self._memwarden.principal.may_act_in(record.tenant):
+            raise NotFound(f"no API key with id {key_id!r}")  # another tenant's: say no more
+        self._memwarden.require("key.manage", Resource.of_tenant(record.tenant))
         if not record.active:
             raise StateConflict(f"key {key_id} was already revoked at {record.revoked_at}")
         event = NewEvent(API_KEY_REVOKED, {"key_id": key_id, "reason": why})
@@ -145,6 +108,9 @@ class ApiKeys:
 
     def list(self, *, tenant: str | None = None,
              include_revoked: bool = False) -> list[ApiKeyRecord]:
+        """The keys of ``tenant`` (default: the principal's own; every tenant's for a platform
+        principal)."""
+        tenant = self._memwarden.tenant_scope("key.manage", tenant)
         return self._queries.list(tenant=tenant, include_revoked=include_revoked)
 
     def last_change(self) -> int:
@@ -155,14 +121,7 @@ class ApiKeys:
         return self._queries.any_active(role="admin")
 
     def authenticate(self, key: str) -> Principal:
-        prefix, _, rest = key.partition("_")
-        key_id, _, _ = rest.partition("_")
-        record = self._queries.find(key_id) if prefix == _PREFIX and key_id else None
-        if record is None or not hmac.compare_digest(record.key_hash, _hash(key)):
-            raise Unauthenticated("the API key is not valid")
-        if not record.active:
-            raise Unauthenticated(f"the API key {key_id} was revoked")
-        return Principal(record.subject, record.tenant, record.role, record.key_id)
+        return authenticate(self._memwarden.store.engine, key)
 
     def _append(self, record: ApiKeyRecord | None, key_id: str, tenant: str, event: NewEvent,
                 *, expected_version: int) -> ApiKeyRecord:
@@ -176,6 +135,18 @@ class ApiKeys:
         except ConcurrencyError:
             raise StateConflict(f"key {key_id} was changed at the same time; look again") from None
         return evolve_key(record, stored[0])
+
+
+def authenticate(engine: Engine, key: str) -> Principal:
+    """The principal of an active ``key``, or ``Unauthenticated``."""
+    prefix, _, rest = key.partition("_")
+    key_id, _, _ = rest.partition("_")
+    record = ApiKeyQueries(engine).find(key_id) if prefix == _PREFIX and key_id else None
+    if record is None or not hmac.compare_digest(record.key_hash, _hash(key)):
+        raise Unauthenticated("the API key is not valid")
+    if not record.active:
+        raise Unauthenticated(f"the API key {key_id} was revoked")
+    return Principal(record.subject, record.tenant, record.role, record.key_id)
 
 
 def key_as_dict(record: ApiKeyRecord) -> dict[str, Any]:

@@ -48,6 +48,8 @@ class MemoryMetadata:
     ttl_seconds: int | None = None
     priority: int = 5
     retention_class: str = "standard"
+    shared_with: tuple[str, ...] = ()
+    """Subjects (agents) besides the creator that may read this memory (the ``shared`` scope)."""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -58,6 +60,7 @@ class MemoryMetadata:
             "ttl_seconds": self.ttl_seconds,
             "priority": self.priority,
             "retention_class": self.retention_class,
+            "shared_with": list(self.shared_with),
         }
 
     @classmethod
@@ -81,6 +84,7 @@ class MemoryMetadata:
             ttl_seconds=_ttl(merged["ttl_seconds"]),
             priority=_priority(merged["priority"]),
             retention_class=_name("retention_class", merged["retention_class"]),
+            shared_with=_names("shared_with", merged["shared_with"]),
         )
 
 

@@ -177,7 +177,9 @@ class Decision:
         if self.allowed:
             return f"allowed by {'; '.join(', '.join(rule) for rule in self.rules)}"
         if self.denied_because == OTHER_TENANT:
-            return f"{who.subject} acts in tenant {who.tenant}; {target} is not in it"
+            # Never name the other tenant, nor the resource: the caller learns nothing of it.
+            beyond = ", not in all tenants" if what.tenant == PLATFORM else ""
+            return f"{who.subject} acts only in tenant {who.tenant}{beyond}"
         if self.denied_because == RESTRICTED_LABEL:
             return (f"{target} has a restricted label and no rule lets role {who.role} "
                     f"{READ_SENSITIVE} it")
@@ -195,8 +197,11 @@ class PermissionDenied(MemWardenError):
 
     @property
     def hides_existence(self) -> bool:
-        """True when the resource is in another tenant: answer as if it did not exist."""
-        return self.decision.denied_because == OTHER_TENANT
+        """True for a memory or subject in another tenant: answer as if it did not exist, so
+        ids guessed or copied from another tenant tell nothing."""
+        resource = self.decision.resource
+        return (self.decision.denied_because == OTHER_TENANT and resource.id is not None
+                and resource.kind in ("memory", "subject"))
 
 
 class _Base(DeclarativeBase):
@@ -381,6 +386,12 @@ class AccessPolicy:
                            then=self._then)
 
     # -- the rules --------------------------------------------------------------------------
+
+    def known_roles(self) -> list[str]:
+        """Every role some rule in force names: the roles a key can usefully be issued for."""
+        roles = {rule.values[0] for rule in self._current().rules}
+        roles |= {rule.values[1] for rule in self._current().rules if rule.ptype == "g"}
+        return sorted(roles)
 
     def list_rules(self, actor: Principal) -> list[PolicyRule]:
         """The rules that apply in the actor's tenant (every rule, for a platform principal)."""

@@ -45,6 +45,7 @@ ACTIONS = {
     "policy.read": "list the access rules",
     "policy.manage": "add and remove access rules",
     "key.manage": "issue and revoke API keys",
+    "platform.operate": "rebuild read models and other whole-platform maintenance",
 }
 
 SCOPES = {

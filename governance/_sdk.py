@@ -1,9 +1,14 @@
 """The Python SDK: every MemWarden operation, used as is by the CLI and the REST API.
 
-    with MemWarden.open(actor="agent:planner") as mw:
+    with MemWarden.open(key=os.environ["MEMWARDEN_API_KEY"]) as mw:
         memory = mw.add("Prefers window seats", tenant="acme", owner="user:ana")
         mw.update(memory.cube_id, text="Prefers aisle seats", reason="user corrected it")
         mw.rollback(memory.cube_id, to_version=1, reason="correction was a mistake")
+
+A handle acts as one ``Principal`` (an API key's subject, role and tenant) and every operation
+asks the ``AccessPolicy`` first: this module is the one enforcement point behind the CLI, the
+REST API and the dashboard. A handle opened on the database without a key acts as the local
+operator (the platform admin role), as whoever can open the database file could anyway.
 
 Writes append events (one command, one transaction) and, in the embedded mode, project them
 before returning, so the next read sees the write.
@@ -14,7 +19,7 @@ from __future__ import annotations
 import difflib
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -28,7 +33,9 @@ from eventstore import (
 from governance._access import AccessRecorder
 from governance._config import Settings
 from governance._errors import InvalidCommand, NotFound, VersionConflict, VersionNotFound
-from governance._memcube import Limits, MemCube, validate_cube_id, validate_identifier
+from governance._memcube import Limits, MemCube, MemoryMetadata, validate_cube_id
+from governance._policy import AccessPolicy, PolicyRule
+from governance._principal import PLATFORM, Principal, Resource, validate_tenant
 from projections import (
     AuditEntry,
     AuditFilter,
@@ -81,8 +88,9 @@ class _Backend:
         self.runner.create_schema()
         self.reads = ReadModels(self.store.engine)
         self.project_synchronously = project_synchronously
-        self.access = AccessRecorder(
-            self.store, then=self.runner.project_new_events if project_synchronously else None)
+        project = self.runner.project_new_events if project_synchronously else None
+        self.access = AccessRecorder(self.store, then=project)
+        self.policy = AccessPolicy.open(self.store, then=project)
         self.limits = Limits(max_text_bytes=settings.max_text_bytes)
 
     def close(self) -> None:
@@ -90,24 +98,59 @@ class _Backend:
         self.store.close()
 
 
-class MemWarden:
-    """A handle acting as one actor. ``acting_as`` gives handles for others on the same backend."""
+LOCAL_OPERATOR_ROLE = "admin"
+"""The role of a handle opened on the database without an API key."""
 
-    def __init__(self, backend: _Backend, *, actor: str, on_behalf_of: str | None = None):
+
+class MemWarden:
+    """A handle acting as one principal; ``as_principal`` and ``acting_as`` give handles for
+    others on the same backend."""
+
+    def __init__(self, backend: _Backend, *, principal: Principal,
+                 on_behalf_of: str | None = None):
         self._backend = backend
-        self.actor = validate_identifier("actor", actor)
+        self.principal = principal
         self.on_behalf_of = on_behalf_of
 
     @classmethod
-    def open(cls, url: str | None = None, *, actor: str | None = None,
+    def open(cls, url: str | None = None, *, actor: str | None = None, key: str | None = None,
              settings: Settings | None = None) -> MemWarden:
+        """A handle on ``url`` (default: ``MEMWARDEN_DB_URL``): as the principal of API ``key``,
+        or without one as the local operator named ``actor``."""
         settings = settings or Settings.from_env()
         if url is not None:
             settings = Settings(**{**_fields(settings), "db_url": url})
-        return cls(_Backend(settings), actor=actor or settings.actor or "sdk")
+        backend = _Backend(settings)
+        try:
+            if key is not None:
+                from governance._keys import authenticate  # noqa: PLC0415 (it imports this module)
+
+                principal = authenticate(backend.store.engine, key)
+            else:
+                principal = Principal(actor or settings.actor or "sdk", PLATFORM,
+                                      LOCAL_OPERATOR_ROLE)
+        except BaseException:
+            backend.close()
+            raise
+        return cls(backend, principal=principal)
+
+    def as_principal(self, principal: Principal, *,
+                     on_behalf_of: str | None = None) -> MemWarden:
+        """A handle on the same backend acting as ``principal`` (an authenticated key)."""
+        return MemWarden(self._backend, principal=principal, on_behalf_of=on_behalf_of)
 
     def acting_as(self, actor: str, *, on_behalf_of: str | None = None) -> MemWarden:
-        return MemWarden(self._backend, actor=actor, on_behalf_of=on_behalf_of)
+        """The same role and tenant, acting as the subject ``actor``."""
+        principal = Principal(actor, self.principal.tenant, self.principal.role)
+        return self.as_principal(principal, on_behalf_of=on_behalf_of)
+
+    @property
+    def actor(self) -> str:
+        return self.principal.subject
+
+    @property
+    def policy(self) -> AccessPolicy:
+        return self._backend.policy
 
     def close(self) -> None:
         self._backend.close()
@@ -117,6 +160,31 @@ class MemWarden:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def require(self, action: str, resource: Resource | None = None) -> None:
+        """Raise ``PermissionDenied`` (recorded as an AccessDenied event) unless allowed."""
+        self._backend.policy.require(self.principal, action, resource)
+
+    def may(self, action: str, resource: Resource | None = None) -> bool:
+        """Whether ``action`` is allowed, without recording anything."""
+        return bool(self._backend.policy.permitted(self.principal, action,
+                                                   [resource or self._own_tenant()]))
+
+    def _own_tenant(self) -> Resource:
+        return Resource.of_tenant(self.principal.tenant)
+
+    def tenant_scope(self, action: str, tenant: str | None, *,
+                     items_checked: bool = False) -> str | None:
+        """The tenant a listing is limited to: the one asked for, else the principal's own
+        (None: every tenant, for a platform principal). ``action`` must be allowed there,
+        unless ``items_checked``: the listing checks it on every item it returns, so only the
+        tenant is checked (an agent may list its own memories without any tenant-wide right)."""
+        if tenant is None and not self.principal.is_platform:
+            tenant = self.principal.tenant
+        where = Resource.of_tenant(PLATFORM if tenant is None else tenant)
+        if not (items_checked and self.principal.may_act_in(where.tenant)):
+            self.require(action, where)
+        return tenant
 
     @property
     def store(self) -> EventStore:
@@ -131,35 +199,41 @@ class MemWarden:
     def add(self, text: str, *, tenant: str, owner: str, kind: str = "plaintext",
             metadata: Mapping[str, Any] | None = None, reason: str | None = None,
             cube_id: str | None = None) -> MemoryState:
-        validate_identifier("tenant", tenant)
+        validate_tenant(tenant, platform_allowed=False)
         cube_id = validate_cube_id(cube_id) if cube_id is not None else str(uuid.uuid4())
         events = MemCube.create(owner=owner, kind=kind, text=text, metadata=metadata,
                                 reason=reason, limits=self._backend.limits)
+        labels = MemoryMetadata.parse(metadata or {}).labels
+        self.require("memory.create", Resource.new_memory(
+            tenant, owner=owner, created_by=self.actor, labels=labels))
         return self._append(cube_id, tenant, None, events, expected_version=0)
 
     def update(self, cube_id: str, *, text: str | None = None,
                metadata: Mapping[str, Any] | None = None, expected_version: int | None = None,
                reason: str | None = None) -> MemoryState:
         limits = self._backend.limits
-        return self._command(cube_id, expected_version, lambda cube: cube.update(
+        return self._command("memory.update", cube_id, expected_version, lambda cube: cube.update(
             text=text, metadata=metadata, reason=reason, limits=limits))
 
     def delete(self, cube_id: str, *, reason: str | None,
                expected_version: int | None = None) -> MemoryState:
-        return self._command(cube_id, expected_version, lambda cube: cube.delete(reason=reason))
+        return self._command("memory.delete", cube_id, expected_version,
+                             lambda cube: cube.delete(reason=reason))
 
     def restore(self, cube_id: str, *, reason: str | None = None,
                 expected_version: int | None = None) -> MemoryState:
-        return self._command(cube_id, expected_version, lambda cube: cube.restore(reason=reason))
+        return self._command("memory.restore", cube_id, expected_version,
+                             lambda cube: cube.restore(reason=reason))
 
     def rollback(self, cube_id: str, to_version: int, *, reason: str | None,
                  expected_version: int | None = None) -> MemoryState:
-        return self._command(cube_id, expected_version,
+        return self._command("memory.rollback", cube_id, expected_version,
                              lambda cube: cube.rollback(to_version=to_version, reason=reason))
 
-    def _command(self, cube_id: str, expected_version: int | None,
+    def _command(self, action: str, cube_id: str, expected_version: int | None,
                  decide: Callable[[MemCube], list[NewEvent]]) -> MemoryState:
         cube = MemCube.from_events(cube_id, self.store.read_stream(cube_id))
+        self.require(action, Resource.of_memory(cube.state))
         if expected_version is not None and expected_version != cube.version:
             raise VersionConflict(cube_id, expected_version, cube.version)
         return self._append(cube_id, cube.state.tenant, cube.state, decide(cube),
@@ -184,34 +258,51 @@ class MemWarden:
         return state
 
     # -- reads -----------------------------------------------------------------------------
+    # Content (text) needs memory.read_content, and memory.read_sensitive too for a memory with a
+    # restricted label; history needs memory.history as well. A memory of another tenant is
+    # denied as if it did not exist (the API answers 404 for both).
 
     def get(self, cube_id: str) -> MemoryState:
         """The current state of a memory (deleted ones too: check ``state``). Records the read."""
-        state = self._backend.reads.cube(cube_id)
-        if state is None:
-            raise NotFound(f"no memory with id {cube_id!r}")
+        state = self._readable(cube_id)
         self._record_reads([state])
         return state
 
     def list(self, where: CubeFilter | None = None, *, after: str | None = None,
              limit: int = 100) -> list[MemoryState]:
-        page = self._backend.reads.cubes(where or CubeFilter(), after=after, limit=limit)
+        """A page of the memories the principal may read, in id order (the next page starts
+        after the last id returned; a short page is the last)."""
+        where = where or CubeFilter()
+        where = replace(where, tenant=self.tenant_scope("memory.read_content", where.tenant,
+                                                        items_checked=True))
+        reads, policy = self._backend.reads, self._backend.policy
+        page: list[MemoryState] = []
+        while len(page) < limit:
+            batch = reads.cubes(where, after=after, limit=limit)
+            allowed = {r.id for r in policy.permitted(
+                self.principal, "memory.read_content", [Resource.of_memory(s) for s in batch])}
+            page.extend(s for s in batch if s.cube_id in allowed)
+            if len(batch) < limit:
+                break
+            after = batch[-1].cube_id
+        page = page[:limit]
         self._record_reads(page)
         return page
 
     def usage(self, cube_id: str) -> Usage:
+        self._visible(cube_id, "memory.read_metadata")
         return self._backend.reads.usage(cube_id)
 
     def history(self, cube_id: str) -> list[Version]:
-        found = self._backend.reads.versions(cube_id)
-        if not found:
-            raise NotFound(f"no memory with id {cube_id!r}")
-        return found
+        self._visible(cube_id, "memory.history")
+        self._readable(cube_id)
+        return self._backend.reads.versions(cube_id)
 
     def version(self, cube_id: str, number: int) -> Version:
+        self._visible(cube_id, "memory.history")
+        self._readable(cube_id)
         found = self._backend.reads.version(cube_id, number)
         if found is None:
-            self._require_exists(cube_id)
             raise VersionNotFound(f"memory {cube_id} has no version {number}")
         return found
 
@@ -222,44 +313,92 @@ class MemWarden:
     def as_of(self, cube_id: str, *, position: int | None = None,
               at: datetime | None = None) -> MemoryState:
         """The memory as it was at a log position or a moment (replayed from the log)."""
+        self._readable(cube_id)
         try:
             state = cube_as_of(self.store, cube_id, position=position, at=at)
         except ValueError as error:
             raise InvalidCommand(str(error)) from None
         if state is None:
-            self._require_exists(cube_id)
             when = f"position {position}" if position is not None else f"{at}"
             raise NotFound(f"memory {cube_id} did not exist yet at {when}")
+        # Labels change over time: what it was then must be readable as well as what it is now.
+        self.require("memory.read_content", Resource.of_memory(state))
         return state
 
     def tenant_as_of(self, tenant: str, *, position: int | None = None,
                      at: datetime | None = None) -> dict[str, MemoryState]:
+        """Every memory of ``tenant`` then that the principal may read."""
+        self.require("memory.read_content", Resource.of_tenant(
+            validate_tenant(tenant, platform_allowed=False)))
         try:
-            return tenant_as_of(self.store, tenant, position=position, at=at)
+            states = tenant_as_of(self.store, tenant, position=position, at=at)
         except ValueError as error:
             raise InvalidCommand(str(error)) from None
+        allowed = {r.id for r in self._backend.policy.permitted(
+            self.principal, "memory.read_content",
+            [Resource.of_memory(s) for s in states.values()])}
+        return {cube_id: s for cube_id, s in states.items() if cube_id in allowed}
 
     def audit(self, where: AuditFilter | None = None, *, after: int = 0, limit: int = 100,
               newest_first: bool = False) -> list[AuditEntry]:
+        """The audit trail of the principal's tenant (of any, or all, for a platform one)."""
+        where = where or AuditFilter()
+        where = replace(where, tenant=self.tenant_scope("audit.read", where.tenant))
         try:
-            return self._backend.reads.audit(where or AuditFilter(), after=after, limit=limit,
+            return self._backend.reads.audit(where, after=after, limit=limit,
                                              newest_first=newest_first)
         except ValueError as error:
             raise InvalidCommand(str(error)) from None
 
     def verify(self, *, on_progress: ProgressCallback | None = None) -> VerificationReport:
+        self.require("integrity.verify")
         return self.store.verify(on_progress=on_progress)
 
     def rebuild_projections(self, names: Sequence[str] | None = None, *,
                             on_progress: ProgressCallback | None = None) -> int:
+        self.require("platform.operate", Resource.of_tenant(PLATFORM))
         self._backend.access.flush()
         try:
             return self.projector.rebuild(names, on_progress=on_progress)
         except ValueError as error:
             raise InvalidCommand(str(error)) from None
 
+    def projection_checkpoints(self) -> dict[str, int]:
+        self.require("platform.operate", Resource.of_tenant(PLATFORM))
+        return self.projector.checkpoints()
+
+    # -- the access policy -----------------------------------------------------------------
+
+    def policy_rules(self) -> list[PolicyRule]:
+        """The access rules in force in the principal's tenant (all, for a platform one)."""
+        return self._backend.policy.list_rules(self.principal)
+
+    def add_policy_rule(self, rule: PolicyRule, *, reason: str) -> int:
+        """Put ``rule`` in force (a PolicyRuleAdded event); returns the policy revision."""
+        return self._backend.policy.add_rule(self.principal, rule, reason=reason)
+
+    def remove_policy_rule(self, rule: PolicyRule, *, reason: str) -> int:
+        """Take ``rule`` out of force (a PolicyRuleRemoved event); returns the revision."""
+        return self._backend.policy.remove_rule(self.principal, rule, reason=reason)
+
     def flush_reads(self) -> int:
         return self._backend.access.flush()
+
+    def _readable(self, cube_id: str) -> MemoryState:
+        """The memory's current state, if the principal may read its content."""
+        state = self._backend.reads.cube(cube_id)
+        if state is None:
+            raise NotFound(f"no memory with id {cube_id!r}")
+        self.require("memory.read_content", Resource.of_memory(state))
+        return state
+
+    def _visible(self, cube_id: str, action: str) -> MemoryState:
+        """The memory's current state, if ``action`` (a metadata-level one) is allowed on it."""
+        state = self._backend.reads.cube(cube_id)
+        if state is None:
+            raise NotFound(f"no memory with id {cube_id!r}")
+        self.require(action, Resource.of_memory(state))
+        return state
 
     def _record_reads(self, states: Sequence[MemoryState]) -> None:
         by_tenant: dict[str, list[tuple[str, int]]] = {}
@@ -268,10 +407,6 @@ class MemWarden:
         for tenant, reads in by_tenant.items():
             self._backend.access.record(tenant=tenant, actor=self.actor,
                                         on_behalf_of=self.on_behalf_of, reads=reads)
-
-    def _require_exists(self, cube_id: str) -> None:
-        if self._backend.reads.cube(cube_id) is None:
-            raise NotFound(f"no memory with id {cube_id!r}")
 
 
 def _fields(settings: Settings) -> dict[str, Any]:

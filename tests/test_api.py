@@ -49,6 +49,11 @@ def agent(memwarden: MemWarden) -> dict[str, str]:
     return bearer(memwarden, tenant="acme", subject="agent:planner", role="agent")
 
 
+@pytest.fixture
+def officer(memwarden: MemWarden) -> dict[str, str]:
+    return bearer(memwarden, tenant="acme", subject="officer:jane", role="compliance_officer")
+
+
 def add(client: TestClient, headers: dict[str, str], text: str = "Prefers window seats",
         **fields: Any) -> dict[str, Any]:
     body = {"text": text, "tenant": "acme", "owner": "user:ana", **fields}
@@ -71,7 +76,7 @@ def assert_problem(response: Any, status: int, *words: str) -> dict[str, Any]:
 
 
 def test_a_memory_lives_through_update_delete_restore_and_rollback(
-        client: TestClient, agent: dict[str, str]) -> None:
+        client: TestClient, agent: dict[str, str], officer: dict[str, str]) -> None:
     created = add(client, agent, metadata={"tags": ["flights"], "priority": 7})
     memory_id = created["id"]
     assert created["version"] == 1
@@ -95,7 +100,9 @@ def test_a_memory_lives_through_update_delete_restore_and_rollback(
                            json={"reason": "by mistake"}).json()
     assert (restored["version"], restored["state"]) == (4, "active")
 
-    rolled_back = client.post(f"/v1/memories/{memory_id}/rollback", headers=agent,
+    assert_problem(client.post(f"/v1/memories/{memory_id}/rollback", headers=agent,
+                               json={"to_version": 1, "reason": "mine"}), 403, "rollback")
+    rolled_back = client.post(f"/v1/memories/{memory_id}/rollback", headers=officer,
                               json={"to_version": 1, "reason": "the update was wrong"}).json()
     assert (rolled_back["version"], rolled_back["text"]) == (5, "Prefers window seats")
     assert rolled_back["last_event"] == "MemoryRolledBack"
@@ -196,15 +203,20 @@ def test_a_key_acts_only_in_its_own_tenant(
     listed = client.get("/v1/memories", headers=agent).json()["items"]
     assert {m["tenant"] for m in listed} == {"acme"}
     assert_problem(client.get("/v1/memories", headers=agent, params={"tenant": "globex"}),
-                   403, "acme", "globex")
-    assert_problem(client.get(f"/v1/memories/{foreign}", headers=agent), 403, "globex")
+                   403, "acme")
+    # Another tenant's memory is answered exactly as a missing one: its id tells nothing.
+    missing = assert_problem(client.get("/v1/memories/no-such-id", headers=agent), 404)
+    hidden = assert_problem(client.get(f"/v1/memories/{foreign}", headers=agent), 404)
+    assert hidden["detail"] == missing["detail"].replace("no-such-id", foreign)
     assert_problem(client.patch(f"/v1/memories/{foreign}", headers=agent,
-                                json={"text": "overwritten"}), 403)
+                                json={"text": "overwritten"}), 404)
     assert_problem(client.post("/v1/memories", headers=agent, json={
         "text": "planted", "tenant": "globex", "owner": "user:x"}), 403)
     assert_problem(client.get("/v1/audit", headers=agent), 403, "audit")
-    memwarden.flush_reads()  # a refused read must not be recorded as a read either
-    assert memwarden.store.head_position() == head + 1  # the one read of acme's own list
+    memwarden.flush_reads()  # a refused read is not a read, but every denial is an event
+    denials = [e for e in memwarden.store.read_all(head, limit=None) if e.type == "AccessDenied"]
+    assert len(denials) == 5 and {e.actor for e in denials} == {"agent:planner"}
+    assert memwarden.store.head_position() == head + 5 + 1  # and one read of acme's own list
 
 
 def test_an_auditor_reads_the_trail_of_its_tenant_but_no_content(
@@ -217,7 +229,8 @@ def test_an_auditor_reads_the_trail_of_its_tenant_but_no_content(
     assert {e["tenant"] for e in trail} == {"acme"}
     assert [e["cube_id"] for e in trail if e["type"] == "MemoryCreated"] == [acme_id]
     assert "acme memory" not in json.dumps(trail)
-    assert_problem(client.get(f"/v1/memories/{acme_id}", headers=auditor), 403, "read memories")
+    assert_problem(client.get(f"/v1/memories/{acme_id}", headers=auditor), 403,
+                   "memory.read_content")
     assert client.get("/v1/verify", headers=auditor).json()["ok"] is True
 
 
@@ -368,7 +381,7 @@ def test_the_openapi_document_lists_every_route_and_docs_are_served(client: Test
         "GET /v1/memories/{cube_id}/versions/{number}", "GET /v1/memories/{cube_id}/diff",
         "POST /v1/memories/{cube_id}/rollback", "GET /v1/audit", "GET /v1/verify",
         "POST /v1/keys", "GET /v1/keys", "DELETE /v1/keys/{key_id}", "GET /v1/healthz",
-        "GET /v1/readyz",
+        "GET /v1/readyz", "GET /v1/policies", "POST /v1/policies", "DELETE /v1/policies",
     }
     conflict = spec["paths"]["/v1/memories/{cube_id}"]["patch"]["responses"]["409"]
     assert list(conflict["content"]) == [PROBLEM_JSON]
@@ -413,12 +426,13 @@ def test_only_admins_of_a_tenant_manage_its_keys(
         return client.post("/v1/keys", headers=headers, json=body)
 
     assert issue(tenant_admin, tenant="acme", subject="agent:b", role="agent").status_code == 201
-    assert_problem(issue(tenant_admin, tenant="globex", subject="agent:c", role="agent"),
-                   403, "globex")
+    refused = assert_problem(issue(tenant_admin, tenant="globex", subject="agent:c",
+                                   role="agent"), 403, "acme")
+    assert "globex" not in refused["detail"]  # nothing about another tenant, even its name
     assert_problem(issue(tenant_admin, tenant="*", subject="root:2", role="admin"), 403,
                    "all tenants")
     assert_problem(issue(agent, tenant="acme", subject="agent:d", role="agent"), 403,
-                   "API keys")
+                   "key.manage")
     assert_problem(issue(tenant_admin, tenant="acme", subject="agent:e", role="admin"), 422,
                    "admin")
     others = client.get("/v1/keys", headers=tenant_admin).json()["items"]

@@ -76,6 +76,7 @@ EXPECTED: dict[str, dict[str, set[str]]] = {
         "memory.read_metadata", "memory.read_content", "memory.read_sensitive", "memory.history",
         "subject.export", "subject.request_erasure")},
     "admin": _TENANT_ADMIN | _COMPLIANCE_OFFICER | {"policy.manage": {ANY},
+                                                    "platform.operate": {ANY},
                                                     "subject.request_erasure": {SELF}},
 }
 """role -> action -> the relations under which it is allowed (in the principal's own tenant)."""
