@@ -46,7 +46,7 @@ class Memwarden:
 
 @pytest.fixture
 def memwarden(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Memwarden:
-    for variable in ENVIRONMENT_VARIABLES:
+    for variable in (*ENVIRONMENT_VARIABLES, "MEMWARDEN_API_KEY"):  # no key: the local operator
         monkeypatch.delenv(variable, raising=False)
     monkeypatch.setenv("COLUMNS", "250")  # wide tables: no wrapped or elided cells
     return Memwarden(f"sqlite:///{tmp_path / 'cli.db'}")
@@ -60,8 +60,16 @@ def add(memwarden: Memwarden, cube_id: str, text: str, *options: str,
 
 
 @pytest.fixture
-def seat(memwarden: Memwarden) -> str:
-    """Memory ``seat``: v1 aisle, v2 window (by cli:test)."""
+def start(memwarden: Memwarden) -> int:
+    """The head of the log before the test's own events: the first command opens the database,
+    which seeds the default access policy (PolicyRuleAdded events)."""
+    head: int = memwarden.json("verify")["head_position"]
+    return head
+
+
+@pytest.fixture
+def seat(memwarden: Memwarden, start: int) -> str:
+    """Memory ``seat``: v1 aisle, v2 window (by cli:test), at positions start + 1, start + 2."""
     add(memwarden, "seat", "Ana prefers aisle seats", "--tag", "flights")
     memwarden("update", "seat", "--text", "Ana prefers window seats", "--reason", "she said so")
     return "seat"
@@ -90,7 +98,7 @@ def test_add_as_json_gives_the_whole_memory(memwarden: Memwarden) -> None:
     assert added["metadata"] == {
         "source": "inference", "semantic_type": "preference", "tags": ["flights", "seats"],
         "labels": ["sensitive"], "ttl_seconds": 3600, "priority": 8,
-        "retention_class": "travel"}
+        "retention_class": "travel", "shared_with": []}
 
 
 def test_get_shows_a_memory(memwarden: Memwarden, seat: str) -> None:
@@ -232,11 +240,15 @@ def test_rollback_as_json(memwarden: Memwarden, seat: str) -> None:
 # -- as-of ------------------------------------------------------------------------------------
 
 
-def test_as_of_a_position_shows_the_memory_then(memwarden: Memwarden, seat: str) -> None:
-    shown = memwarden("as-of", seat, "--position", "1").stdout
+def test_as_of_a_position_shows_the_memory_then(
+        memwarden: Memwarden, start: int, seat: str) -> None:
+    shown = memwarden("as-of", seat, "--position", str(start + 1)).stdout
 
     assert "Ana prefers aisle seats" in shown and "window" not in shown
-    assert memwarden.json("as-of", seat, "--position", "2")["text"] == "Ana prefers window seats"
+    assert memwarden.json("as-of", seat, "--position", str(start + 2))["text"] == (
+        "Ana prefers window seats")
+    assert "did not exist yet" in memwarden.fails("as-of", seat, "--position", str(start),
+                                                  code=NOT_FOUND)
 
 
 def test_as_of_a_moment(memwarden: Memwarden, seat: str) -> None:
@@ -247,11 +259,11 @@ def test_as_of_a_moment(memwarden: Memwarden, seat: str) -> None:
     assert then["version"] == 1
 
 
-def test_as_of_a_tenant(memwarden: Memwarden, seat: str) -> None:
+def test_as_of_a_tenant(memwarden: Memwarden, start: int, seat: str) -> None:
     add(memwarden, "later", "added later")
 
-    table = memwarden("as-of", "--tenant", "acme", "--position", "2").stdout
-    memories = memwarden.json("as-of", "--tenant", "acme", "--position", "3")
+    table = memwarden("as-of", "--tenant", "acme", "--position", str(start + 2)).stdout
+    memories = memwarden.json("as-of", "--tenant", "acme", "--position", str(start + 3))
 
     assert "seat" in table and "later" not in table
     assert sorted(m["id"] for m in memories) == ["later", "seat"]
@@ -262,7 +274,8 @@ def test_as_of_a_tenant(memwarden: Memwarden, seat: str) -> None:
 
 @pytest.fixture
 def audited(memwarden: Memwarden, seat: str) -> str:
-    """seat (positions 1, 2 by cli:test), then officer:jane deletes it (3), auditor reads it."""
+    """seat (positions start + 1, + 2 by cli:test), then officer:jane deletes it (+ 3),
+    auditor:kim reads it (+ 4), and memory ``other`` of globex is added (+ 5)."""
     memwarden("delete", seat, "--reason", "subject asked", actor="officer:jane")
     memwarden("get", seat, actor="auditor:kim")
     add(memwarden, "other", "other memory", tenant="globex")
@@ -282,94 +295,107 @@ def test_audit_shows_who_did_what(memwarden: Memwarden, audited: str) -> None:
     assert "Ana prefers" not in shown
 
 
-def test_audit_as_json_with_filters(memwarden: Memwarden, audited: str) -> None:
+def test_audit_as_json_with_filters(memwarden: Memwarden, start: int, audited: str) -> None:
     everything = memwarden.json("audit")["items"]
 
-    assert [e["type"] for e in everything] == [
+    assert [e["position"] for e in everything] == list(range(1, start + 6))
+    assert {e["type"] for e in everything[:start]} <= {"PolicyRuleAdded"}
+    assert [e["type"] for e in everything[start:]] == [
         "MemoryCreated", "MemoryUpdated", "MemoryDeleted", "MemoryAccessed", "MemoryCreated"]
-    assert audit_positions(memwarden, "--cube", audited) == [1, 2, 3, 4]
-    assert audit_positions(memwarden, "--actor", "officer:jane") == [3]
-    assert audit_positions(memwarden, "--tenant", "globex") == [5]
+    assert audit_positions(memwarden, "--cube", audited) == [start + n for n in (1, 2, 3, 4)]
+    assert audit_positions(memwarden, "--actor", "officer:jane") == [start + 3]
+    assert audit_positions(memwarden, "--tenant", "globex") == [start + 5]
     assert audit_positions(memwarden, "--type", "MemoryCreated", "--type",
-                           "MemoryDeleted") == [1, 3, 5]
+                           "MemoryDeleted") == [start + n for n in (1, 3, 5)]
 
 
-def test_audit_filters_by_time(memwarden: Memwarden, audited: str) -> None:
+def test_audit_filters_by_time(memwarden: Memwarden, start: int, audited: str) -> None:
     last = datetime.fromisoformat(memwarden.json("audit")["items"][-1]["recorded_at"])
     later = (last + timedelta(seconds=1)).isoformat()
 
     assert audit_positions(memwarden, "--since", later) == []
-    assert audit_positions(memwarden, "--until", later) == [1, 2, 3, 4, 5]
+    assert audit_positions(memwarden, "--until", later) == list(range(1, start + 6))
 
 
-def test_audit_pages_with_a_cursor(memwarden: Memwarden, audited: str) -> None:
-    first = memwarden.json("audit", "--limit", "3")
+def test_audit_pages_with_a_cursor(memwarden: Memwarden, start: int, audited: str) -> None:
+    opening = memwarden.json("audit", "--limit", "3")
+    first = memwarden.json("audit", "--limit", "3", "--after", str(start))
     rest = memwarden.json("audit", "--limit", "3", "--after", str(first["next"]))
 
-    assert ([e["position"] for e in first["items"]], first["next"]) == ([1, 2, 3], 3)
-    assert ([e["position"] for e in rest["items"]], rest["next"]) == ([4, 5], None)
+    assert ([e["position"] for e in opening["items"]], opening["next"]) == ([1, 2, 3], 3)
+    assert ([e["position"] for e in first["items"]], first["next"]) == (
+        [start + 1, start + 2, start + 3], start + 3)
+    assert ([e["position"] for e in rest["items"]], rest["next"]) == (
+        [start + 4, start + 5], None)
     assert "more: --after 3" in memwarden("audit", "--limit", "3").stdout
+    assert f"more: --after {start + 3}" in memwarden("audit", "--limit", "3", "--after",
+                                                     str(start)).stdout
 
 
 # -- verify -----------------------------------------------------------------------------------
 
 
-def test_verify_reports_an_intact_chain(memwarden: Memwarden, seat: str) -> None:
-    assert memwarden("verify").stdout.strip() == "ok: 2 events, chain intact"
-    assert memwarden.json("verify") == {"ok": True, "checked": 2, "head_position": 2,
-                                        "first_break": None}
+def test_verify_reports_an_intact_chain(memwarden: Memwarden, start: int, seat: str) -> None:
+    assert memwarden("verify").stdout.strip() == f"ok: {start + 2} events, chain intact"
+    assert memwarden.json("verify") == {"ok": True, "checked": start + 2,
+                                        "head_position": start + 2, "first_break": None}
 
 
 @pytest.fixture
-def tampered(memwarden: Memwarden, seat: str) -> str:
+def tampered(memwarden: Memwarden, start: int, seat: str) -> str:
+    """seat's update (position start + 2) rewritten in place, with one event after it."""
     add(memwarden, "third", "a third event")
     engine = create_engine(memwarden.db_url)
     try:
-        overwrite_column(engine, 2, "actor", "cli:mallory")
+        overwrite_column(engine, start + 2, "actor", "cli:mallory")
     finally:
         engine.dispose()
     return seat
 
 
 def test_verify_of_a_tampered_log_names_the_event_and_exits_5(
-        memwarden: Memwarden, tampered: str) -> None:
+        memwarden: Memwarden, start: int, tampered: str) -> None:
     shown = memwarden("verify", code=INTEGRITY).stdout
 
-    assert "BROKEN at position 2" in shown
-    assert "1 events before it are intact" in shown
+    assert f"BROKEN at position {start + 2}" in shown
+    assert f"{start + 1} events before it are intact" in shown
 
 
-def test_verify_of_a_tampered_log_as_json(memwarden: Memwarden, tampered: str) -> None:
+def test_verify_of_a_tampered_log_as_json(
+        memwarden: Memwarden, start: int, tampered: str) -> None:
     report = memwarden.json("verify", code=INTEGRITY)
 
-    assert (report["ok"], report["checked"], report["head_position"]) == (False, 1, 3)
-    assert report["first_break"]["position"] == 2
+    assert (report["ok"], report["checked"], report["head_position"]) == (
+        False, start + 1, start + 3)
+    assert report["first_break"]["position"] == start + 2
 
 
 # -- projections ------------------------------------------------------------------------------
 
 
-def test_projections_rebuild(memwarden: Memwarden, seat: str) -> None:
-    assert memwarden("projections", "rebuild").stdout.strip() == "rebuilt from 2 events"
+def test_projections_rebuild(memwarden: Memwarden, start: int, seat: str) -> None:
+    assert memwarden("projections", "rebuild").stdout.strip() == (
+        f"rebuilt from {start + 2} events")
 
     first, again = (memwarden.json("projections", "rebuild") for _ in range(2))
 
-    assert first["replayed"] == 2
+    assert first["replayed"] == start + 2
     assert first["digest"] == again["digest"] and len(first["digest"]) == 64
 
 
-def test_projections_rebuild_of_one_read_model(memwarden: Memwarden, seat: str) -> None:
-    assert memwarden.json("projections", "rebuild", "audit")["replayed"] == 2
+def test_projections_rebuild_of_one_read_model(
+        memwarden: Memwarden, start: int, seat: str) -> None:
+    assert memwarden.json("projections", "rebuild", "audit")["replayed"] == start + 2
     assert memwarden.json("audit")["items"][0]["position"] == 1
 
 
-def test_projections_status(memwarden: Memwarden, seat: str) -> None:
+def test_projections_status(memwarden: Memwarden, start: int, seat: str) -> None:
     status = memwarden.json("projections", "status")
     table = memwarden("projections", "status").stdout
 
-    assert status["head"] == 2
+    assert status["head"] == start + 2
     assert {"cubes", "versions", "audit", "usage"} <= set(status["checkpoints"])
-    assert set(status["checkpoints"].values()) == {2}
+    assert set(status["checkpoints"].values()) == {start + 2}
     assert "cubes" in table and "behind" in table
 
 
@@ -442,7 +468,7 @@ def test_bad_usage_exits_2(memwarden: Memwarden, command: Sequence[str]) -> None
     memwarden(*command, code=INVALID)
 
 
-def test_a_failed_command_writes_nothing(memwarden: Memwarden, seat: str) -> None:
+def test_a_failed_command_writes_nothing(memwarden: Memwarden, start: int, seat: str) -> None:
     memwarden.fails("update", seat, "--text", "x", "--expected-version", "1", code=CONFLICT)
 
-    assert memwarden.json("verify")["head_position"] == 2
+    assert memwarden.json("verify")["head_position"] == start + 2

@@ -145,7 +145,7 @@ def test_create_fills_in_every_metadata_default() -> None:
 
     assert content["metadata"] == {
         "source": "user", "semantic_type": "fact", "tags": [], "labels": [],
-        "ttl_seconds": None, "priority": 5, "retention_class": "standard",
+        "ttl_seconds": None, "priority": 5, "retention_class": "standard", "shared_with": [],
     }
 
 
