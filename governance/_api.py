@@ -35,7 +35,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from eventstore import EventStoreError
+from eventstore import EventStoreError, IntegrityError
 from governance._api_schemas import (
     MAX_POSITION,
     MAX_VERSION,
@@ -180,6 +180,8 @@ def _http_error(max_body_bytes: int) -> Callable[[Request, Exception], Any]:
 
 
 async def _store_error(request: Request, error: Exception) -> JSONResponse:
+    if isinstance(error, IntegrityError):  # a write that collides with one already logged
+        return problem(409, f"the write conflicts with the log: {error}")
     logger.error("database error on %s %s: %s", request.method, request.url.path, error)
     return problem(503, "the database is unavailable; try again shortly")
 
