@@ -17,9 +17,9 @@ from governance._errors import (
     VersionNotFound,
 )
 from governance._keys import ALL_TENANTS, ApiKeys, IssuedKey, Unauthenticated, key_as_dict
+from governance._memcube import KINDS, SEMANTIC_TYPES, SOURCES, Limits, MemCube, MemoryMetadata
 from governance._policy import AccessPolicy, Decision, PermissionDenied, PolicyRule
 from governance._principal import ACTIONS, PLATFORM, ROLES, Principal, Resource
-from governance._memcube import KINDS, SEMANTIC_TYPES, SOURCES, Limits, MemCube, MemoryMetadata
 from governance._sdk import Diff, MemWarden, diff_states, state_as_dict
 from projections import AuditEntry, AuditFilter, CubeFilter, MemoryState, Usage, Version
 
@@ -28,6 +28,7 @@ __all__ = [
     "ALL_TENANTS",
     "ENVIRONMENT_VARIABLES",
     "KINDS",
+    "PLATFORM",
     "ROLES",
     "SEMANTIC_TYPES",
     "SOURCES",
@@ -50,7 +51,6 @@ __all__ = [
     "MemoryMetadata",
     "MemoryState",
     "NotFound",
-    "PLATFORM",
     "PermissionDenied",
     "PolicyRule",
     "Principal",

@@ -76,9 +76,9 @@ from governance._errors import (
     VersionNotFound,
 )
 from governance._keys import ApiKeys, Unauthenticated, key_as_dict
+from governance._memcube import KINDS
 from governance._policy import PermissionDenied, PolicyRule
 from governance._principal import Principal
-from governance._memcube import KINDS
 from governance._sdk import MemWarden, state_as_dict
 from projections import MAX_PAGE, AuditFilter, CubeFilter
 

@@ -12,8 +12,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
 from governance._keys import ALL_TENANTS
-from governance._principal import ROLES
 from governance._memcube import KINDS, SEMANTIC_TYPES, SOURCES, MemoryMetadata
+from governance._principal import ROLES
 from governance._sdk import state_as_dict
 from projections import AuditEntry
 from projections import Version as StoredVersion

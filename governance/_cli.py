@@ -30,9 +30,9 @@ from governance._errors import (
     VersionConflict,
 )
 from governance._keys import ApiKeys, Unauthenticated, key_as_dict
+from governance._memcube import SEMANTIC_TYPES, SOURCES
 from governance._policy import PermissionDenied, PolicyRule
 from governance._principal import PLATFORM, ROLES, Resource
-from governance._memcube import SEMANTIC_TYPES, SOURCES
 from governance._sdk import MemWarden, state_as_dict
 from projections import ApiKeyRecord, AuditEntry, AuditFilter, CubeFilter, MemoryState
 

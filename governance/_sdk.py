@@ -123,7 +123,7 @@ class MemWarden:
         backend = _Backend(settings)
         try:
             if key is not None:
-                from governance._keys import authenticate  # noqa: PLC0415 (it imports this module)
+                from governance._keys import authenticate
 
                 principal = authenticate(backend.store.engine, key)
             else:

@@ -42,7 +42,6 @@ from projections import (
     Projection,
     ProjectionRunner,
     ReadModels,
-    Usage,
     UsageProjection,
     VersionsProjection,
     audit,
@@ -58,6 +57,13 @@ def mw(database_url: str) -> Iterator[MemWarden]:
     handle = MemWarden.open(actor="agent:test", settings=Settings(db_url=database_url))
     yield handle
     handle.close()
+
+
+@pytest.fixture
+def start(mw: MemWarden) -> int:
+    """The head of the log once ``mw`` is open: opening a database seeds the default access
+    policy (PolicyRuleAdded events), so a test's own events come after this position."""
+    return mw.store.head_position()
 
 
 @pytest.fixture
@@ -381,23 +387,24 @@ def test_a_rebuild_killed_halfway_leaves_the_previous_read_models_in_place(
     assert set(healthy.checkpoints().values()) == {head}
 
 
-def test_rebuilding_one_projection_leaves_the_others_alone(mw: MemWarden) -> None:
+def test_rebuilding_one_projection_leaves_the_others_alone(mw: MemWarden, start: int) -> None:
     cube_id = mw.add("v1", tenant="acme", owner="user:ana").cube_id
     mw.update(cube_id, text="v2")
     before = mw.projector.digest()
 
-    assert mw.rebuild_projections(["audit"]) == 2
+    assert mw.rebuild_projections(["audit"]) == start + 2
     assert mw.projector.digest() == before
     with pytest.raises(InvalidCommand, match="unknown projections"):
         mw.rebuild_projections(["nonsense"])
 
 
-def test_a_new_event_is_projected_in_the_transaction_that_appends_it(mw: MemWarden) -> None:
+def test_a_new_event_is_projected_in_the_transaction_that_appends_it(
+        mw: MemWarden, start: int) -> None:
     cube_id = mw.add("v1", tenant="acme", owner="user:ana").cube_id
 
     mw.update(cube_id, text="v2")
 
-    assert set(mw.projector.checkpoints().values()) == {2}
+    assert set(mw.projector.checkpoints().values()) == {start + 2}
     assert ReadModels(mw.store.engine).cube(cube_id).text == "v2"  # type: ignore[union-attr]
 
 
@@ -409,12 +416,13 @@ class Timeline:
     cube_id: str
     versions: list[MemoryState]
     other_tenant: str
+    start: int
 
 
 @pytest.fixture
-def timeline(mw: MemWarden) -> Timeline:
-    """acme memory: v1 at position 1, v2 at 3, deleted at 4 (v3); a globex memory at 2; each
-    recorded at a distinct moment."""
+def timeline(mw: MemWarden, start: int) -> Timeline:
+    """acme memory: v1 at position start+1, v2 at start+3, deleted at start+4 (v3); a globex
+    memory at start+2; each recorded at a distinct moment (``start``: the head after opening)."""
     versions: list[MemoryState] = []
 
     def record(state: MemoryState) -> MemoryState:
@@ -425,11 +433,12 @@ def timeline(mw: MemWarden) -> Timeline:
     other = record(mw.add("elsewhere", tenant="globex", owner="user:bo"))
     versions.append(record(mw.update(versions[0].cube_id, text="v2")))
     versions.append(record(mw.delete(versions[0].cube_id, reason="asked")))
-    return Timeline(versions[0].cube_id, versions, other.cube_id)
+    return Timeline(versions[0].cube_id, versions, other.cube_id, start)
 
 
 def test_as_of_a_position_replays_the_memory_up_to_it(mw: MemWarden, timeline: Timeline) -> None:
-    seen = {p: mw.as_of(timeline.cube_id, position=p) for p in (1, 2, 3, 4, 99)}
+    seen = {n: mw.as_of(timeline.cube_id, position=timeline.start + n)
+            for n in (1, 2, 3, 4, 99)}
 
     assert [(s.version, s.text, s.state) for s in seen.values()] == [
         (1, "v1", "active"), (1, "v1", "active"), (2, "v2", "active"),
@@ -440,7 +449,7 @@ def test_as_of_a_position_replays_the_memory_up_to_it(mw: MemWarden, timeline: T
 def test_as_of_a_position_before_creation_is_not_found(
         mw: MemWarden, timeline: Timeline) -> None:
     with pytest.raises(NotFound, match="did not exist yet"):
-        mw.as_of(timeline.other_tenant, position=1)
+        mw.as_of(timeline.other_tenant, position=timeline.start + 1)
 
 
 def test_as_of_a_moment_replays_what_was_recorded_by_then(
@@ -480,15 +489,15 @@ def test_tenant_as_of_gives_every_memory_of_that_tenant_then(
         mw: MemWarden, timeline: Timeline) -> None:
     later = mw.add("later", tenant="acme", owner="user:cy")
 
-    at_3 = mw.tenant_as_of("acme", position=3)
+    at_3 = mw.tenant_as_of("acme", position=timeline.start + 3)
     at_moment = mw.tenant_as_of("acme", at=timeline.versions[0].updated_at)
     now = mw.tenant_as_of("acme", position=mw.store.head_position())
 
     assert at_3 == {timeline.cube_id: timeline.versions[1]}
     assert at_moment == {timeline.cube_id: timeline.versions[0]}
     assert now == {timeline.cube_id: timeline.versions[2], later.cube_id: later}
-    assert mw.tenant_as_of("globex", position=1) == {}
-    assert mw.tenant_as_of("nobody", position=99) == {}
+    assert mw.tenant_as_of("globex", position=timeline.start + 1) == {}
+    assert mw.tenant_as_of("nobody", position=timeline.start + 99) == {}
 
 
 # -- the audit trail ----------------------------------------------------------------------------
@@ -500,12 +509,14 @@ class AuditScene:
     acme_two: str
     globex: str
     second_phase_began: datetime
+    start: int
 
 
 @pytest.fixture
-def scene(mw: MemWarden) -> AuditScene:
+def scene(mw: MemWarden, start: int) -> AuditScene:
     """Phase one: planner adds two acme memories and a globex one, concierge updates acme one.
-    Phase two (recorded strictly later): officer deletes acme two, auditor reads acme one."""
+    Phase two (recorded strictly later): officer deletes acme two, auditor reads acme one.
+    Their events are at positions start+1 .. start+6, after the seeded access policy's."""
     planner, concierge = mw.acting_as("agent:planner"), mw.acting_as("agent:concierge")
     officer, auditor = mw.acting_as("officer:jane"), mw.acting_as("auditor:kim")
     one = planner.add("Ana's door code is 4512", tenant="acme", owner="user:ana").cube_id
@@ -516,7 +527,7 @@ def scene(mw: MemWarden) -> AuditScene:
     second_phase = officer.delete(two, reason="subject asked").updated_at
     auditor.get(one)
     mw.flush_reads()
-    return AuditScene(one, two, globex, second_phase)
+    return AuditScene(one, two, globex, second_phase, start)
 
 
 def entries(mw: MemWarden, **where: object) -> list[tuple[int, str, str]]:
@@ -525,54 +536,68 @@ def entries(mw: MemWarden, **where: object) -> list[tuple[int, str, str]]:
 
 
 def test_the_audit_trail_has_one_entry_per_event(mw: MemWarden, scene: AuditScene) -> None:
-    assert entries(mw) == [
-        (1, "MemoryCreated", "agent:planner"),
-        (2, "MemoryCreated", "agent:planner"),
-        (3, "MemoryCreated", "agent:planner"),
-        (4, "MemoryUpdated", "agent:concierge"),
-        (5, "MemoryDeleted", "officer:jane"),
-        (6, "MemoryAccessed", "auditor:kim"),
+    s = scene.start
+    trail = entries(mw)
+
+    assert trail[:s] == [(p, "PolicyRuleAdded", "memwarden") for p in range(1, s + 1)]
+    assert trail[s:] == [
+        (s + 1, "MemoryCreated", "agent:planner"),
+        (s + 2, "MemoryCreated", "agent:planner"),
+        (s + 3, "MemoryCreated", "agent:planner"),
+        (s + 4, "MemoryUpdated", "agent:concierge"),
+        (s + 5, "MemoryDeleted", "officer:jane"),
+        (s + 6, "MemoryAccessed", "auditor:kim"),
     ]
 
 
 def test_audit_filters_by_tenant(mw: MemWarden, scene: AuditScene) -> None:
-    assert [p for p, _, _ in entries(mw, tenant="globex")] == [3]
-    assert [p for p, _, _ in entries(mw, tenant="acme")] == [1, 2, 4, 5, 6]
+    s = scene.start
+    assert [p for p, _, _ in entries(mw, tenant="globex")] == [s + 3]
+    assert [p for p, _, _ in entries(mw, tenant="acme")] == [s + 1, s + 2, s + 4, s + 5, s + 6]
 
 
 def test_audit_filters_by_actor(mw: MemWarden, scene: AuditScene) -> None:
-    assert entries(mw, actor="officer:jane") == [(5, "MemoryDeleted", "officer:jane")]
+    assert entries(mw, actor="officer:jane") == [(scene.start + 5, "MemoryDeleted",
+                                                  "officer:jane")]
     assert entries(mw, actor="nobody") == []
 
 
 def test_audit_by_memory_includes_the_reads_of_it(mw: MemWarden, scene: AuditScene) -> None:
-    assert [p for p, _, _ in entries(mw, cube_id=scene.acme_one)] == [1, 4, 6]
-    assert [p for p, _, _ in entries(mw, cube_id=scene.acme_two)] == [2, 5]
+    s = scene.start
+    assert [p for p, _, _ in entries(mw, cube_id=scene.acme_one)] == [s + 1, s + 4, s + 6]
+    assert [p for p, _, _ in entries(mw, cube_id=scene.acme_two)] == [s + 2, s + 5]
 
 
 def test_audit_filters_by_event_type(mw: MemWarden, scene: AuditScene) -> None:
-    assert [p for p, _, _ in entries(mw, types=["MemoryDeleted", "MemoryUpdated"])] == [4, 5]
+    s = scene.start
+    assert [p for p, _, _ in entries(mw, types=["MemoryDeleted", "MemoryUpdated"])] == [s + 4,
+                                                                                        s + 5]
 
 
 def test_audit_filters_by_time_range(mw: MemWarden, scene: AuditScene) -> None:
-    assert [p for p, _, _ in entries(mw, since=scene.second_phase_began)] == [5, 6]
-    assert [p for p, _, _ in entries(mw, until=scene.second_phase_began)] == [1, 2, 3, 4]
+    s = scene.start
+    assert [p for p, _, _ in entries(mw, since=scene.second_phase_began)] == [s + 5, s + 6]
+    # Until the second phase: the seeded policy's events, then phase one's.
+    assert [p for p, _, _ in entries(mw, until=scene.second_phase_began)] == list(
+        range(1, s + 5))
     assert [p for p, _, _ in entries(mw, since=scene.second_phase_began,
                                      until=scene.second_phase_began)] == []
 
 
 def test_audit_filters_combine(mw: MemWarden, scene: AuditScene) -> None:
+    s = scene.start
     assert [p for p, _, _ in entries(mw, tenant="acme", actor="agent:planner",
-                                     types=["MemoryCreated"])] == [1, 2]
+                                     types=["MemoryCreated"])] == [s + 1, s + 2]
 
 
 def test_audit_entries_carry_reasons_but_never_content(
         mw: MemWarden, scene: AuditScene) -> None:
-    trail = mw.audit(limit=10)
+    trail = mw.audit(after=scene.start, limit=10)
 
     assert [e.reason for e in trail] == [None, None, None, "changed", "subject asked", None]
     assert trail[5].detail == {"reads": 1}
-    assert all("door code" not in repr(e) and "4512" not in repr(e) for e in trail)
+    assert all("door code" not in repr(e) and "4512" not in repr(e)
+               for e in mw.audit(limit=1000))
 
 
 def pages(mw: MemWarden, where: AuditFilter, *, limit: int,
@@ -624,7 +649,8 @@ def test_usage_counts_reads_and_writes(mw: MemWarden) -> None:
     assert used.last_write_at == updated.updated_at
     assert used.last_read_at is not None and used.last_read_at >= updated.updated_at
     assert (listed.read_count, listed.write_count) == (1, 1)
-    assert mw.usage("no-such-memory") == Usage(0, None, None, 0, None)
+    with pytest.raises(NotFound):  # only memories the caller may see have usage to show
+        mw.usage("no-such-memory")
 
 
 def test_usage_survives_a_rebuild(mw: MemWarden) -> None:
