@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from governance._principal import PLATFORM, Resource
 from governance._sdk import MemWarden
 
 
@@ -103,6 +104,8 @@ def _steps(mw: MemWarden) -> list[Callable[[], object]]:
 
 
 def seed_demo(mw: MemWarden) -> DemoSummary:
+    """Seed the demo workload as its many actors: the platform operator's job."""
+    mw.require("platform.operate", Resource.of_tenant(PLATFORM))
     if mw.store.stream_version(_memory_id("acme-health", 1)) > 0:
         return DemoSummary(seeded=False, memories=0, events=0)
     head_before = mw.store.head_position()

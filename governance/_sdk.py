@@ -140,7 +140,9 @@ class MemWarden:
         return MemWarden(self._backend, principal=principal, on_behalf_of=on_behalf_of)
 
     def acting_as(self, actor: str, *, on_behalf_of: str | None = None) -> MemWarden:
-        """The same role and tenant, acting as the subject ``actor``."""
+        """The same role and tenant, acting as the subject ``actor``: for the platform operator
+        only (seeding, imports), since every event the new handle causes names ``actor``."""
+        self.require("platform.operate", Resource.of_tenant(PLATFORM))
         principal = Principal(actor, self.principal.tenant, self.principal.role)
         return self.as_principal(principal, on_behalf_of=on_behalf_of)
 
@@ -380,6 +382,12 @@ class MemWarden:
     def remove_policy_rule(self, rule: PolicyRule, *, reason: str) -> int:
         """Take ``rule`` out of force (a PolicyRuleRemoved event); returns the revision."""
         return self._backend.policy.remove_rule(self.principal, rule, reason=reason)
+
+    def readiness(self) -> dict[str, int]:
+        """How far the read models have applied the log (whole-platform facts: operator only)."""
+        self.require("platform.operate", Resource.of_tenant(PLATFORM))
+        return {"head_position": self.store.head_position(),
+                "projected_position": min(self.projector.checkpoints().values())}
 
     def flush_reads(self) -> int:
         return self._backend.access.flush()

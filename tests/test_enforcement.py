@@ -258,19 +258,8 @@ ROUTES: dict[str, RouteCase] = {
 # another tenant's memory, whose denial is recorded at platform level).
 _UNRECORDED = {("DELETE /v1/keys/{key_id}", OUTSIDER), ("keys revoke", OUTSIDER)}
 
-_KNOWN_HOLES = {
-    "GET /v1/readyz": "bug: GET /v1/readyz authenticates the key but never asks the access "
-                      "policy: it reads store.head_position() and projector.checkpoints() "
-                      "directly (MemWarden.projection_checkpoints requires platform.operate), so "
-                      "any valid key, even a data_subject of another tenant, gets 200 and the "
-                      "head position of the whole, all-tenant log",
-}
-
-
 def _route_params() -> list[Any]:
-    return [pytest.param(route, id=route, marks=pytest.mark.xfail(
-        strict=True, reason=_KNOWN_HOLES[route])) if route in _KNOWN_HOLES else
-        pytest.param(route, id=route) for route in ROUTES]
+    return [pytest.param(route, id=route) for route in ROUTES]
 
 
 def test_the_route_table_covers_the_openapi_spec_exactly(world: World) -> None:
@@ -459,11 +448,6 @@ def test_time_travel_over_another_tenant_is_refused(
     assert [e.type for e in world.events_since(head)] == [ACCESS_DENIED]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: `memwarden demo` asks seed_demo, which checks "
-    "store.stream_version('demo-acme-health-001') before any policy check: once the demo is "
-    "seeded, any key (here a data_subject of another tenant) exits 0 'demo data already "
-    "present', learning that a memory of tenant acme-health exists"))
 def test_demo_is_refused_even_once_seeded(database_url: str,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     for variable in (*ENVIRONMENT_VARIABLES, "MEMWARDEN_API_KEY"):
@@ -475,12 +459,6 @@ def test_demo_is_refused_even_once_seeded(database_url: str,
     assert result.exit_code == EXIT_DENIED, result.output
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: `memwarden demo` with --key runs seed_demo through MemWarden.acting_as, which keeps "
-    "the key's role and tenant but swaps its subject and drops its key id: an agent key of "
-    "acme-health (agent:mallory) writes MemoryCreated events recorded as agent:triage and "
-    "agent:scheduler, then is refused halfway (exit 6, denial recorded as agent:concierge), "
-    "leaving a partial seed; every event a key causes must name the key's subject"))
 def test_demo_acts_only_as_the_key_s_subject(database_url: str,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     for variable in (*ENVIRONMENT_VARIABLES, "MEMWARDEN_API_KEY"):
