@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -121,6 +122,7 @@ def run_stack(memwarden: MemWarden, *, host: str, port: int, data_dir: Path,
         # Bound here, before anything is printed: a busy port fails at once, and port 0 gets a
         # free one whose number the banner can show.
         sock = config.bind_socket()
+        _no_delay(sock)
         base = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
         echo(_banner(base, memwarden, admin))
         background = _Every(BACKGROUND_INTERVAL_SECONDS, lambda: _background_work(memwarden))
@@ -132,6 +134,17 @@ def run_stack(memwarden: MemWarden, *, host: str, port: int, data_dir: Path,
             _background_work(memwarden)
             sock.close()
     echo("MemWarden stopped; every acknowledged write is in the log.")
+
+
+def _no_delay(sock: socket.socket) -> None:
+    """Turn Nagle's algorithm off on the connections ``sock`` accepts (they inherit it).
+
+    ``Config.bind_socket`` creates the socket with protocol 0, and asyncio sets TCP_NODELAY only
+    on sockets whose protocol is IPPROTO_TCP: without this, a response written in two parts waits
+    for the client's delayed ACK, about 40 ms a request on Linux.
+    """
+    if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
 
 def _url_host(host: str) -> str:
