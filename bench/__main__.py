@@ -20,9 +20,11 @@ SECTIONS = (
     "bench.bench_store",
     "bench.bench_pii",
     "bench.bench_policy",
+    "bench.bench_http",
 )
 
 FULL_ENV = "MEMWARDEN_BENCH_FULL"
+PIPED_WIDTH = 160
 
 
 def _short(section: str) -> str:
@@ -41,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(names)}")
     full = args.full or os.environ.get(FULL_ENV, "") not in ("", "0")
-    console = Console()
+    # Piped into a file or a CI log, rich would wrap every table to 80 columns and cut cells short.
+    console = Console(width=None if sys.stdout.isatty() else PIPED_WIDTH)
     _print_machine(console, full)
     for section in SECTIONS:
         if not args.sections or _short(section) in args.sections:

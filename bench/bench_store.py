@@ -249,7 +249,9 @@ def _scaling_table(measured: dict[int, Measured]) -> Table:
         ("single update", "/s", lambda r: r.update),
         ("batched appends", "/s", lambda r: r.batched),
         ("rebuild", "/s", lambda r: r.rebuild),
+        ("get p50", "s", lambda r: percentile(r.get, 0.5)),
         ("get p95", "s", lambda r: percentile(r.get, 0.95)),
+        ("history p50", "s", lambda r: percentile(r.history, 0.5)),
         ("history p95", "s", lambda r: percentile(r.history, 0.95)),
     ]
     for label, unit, value in rows:
