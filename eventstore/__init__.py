@@ -3,6 +3,7 @@
 This package imports nothing from the rest of MemWarden.
 """
 
+from eventstore._codec import PayloadCodec
 from eventstore._envelope import (
     GENESIS_HASH,
     EventContext,
@@ -16,6 +17,7 @@ from eventstore._errors import (
     ConcurrencyError,
     EventStoreError,
     IntegrityError,
+    TransientConflict,
     UpcastError,
 )
 from eventstore._schema import UTCDateTime
@@ -39,8 +41,10 @@ __all__ = [
     "EventStoreError",
     "IntegrityError",
     "NewEvent",
+    "PayloadCodec",
     "StoredEvent",
     "StreamAppend",
+    "TransientConflict",
     "UTCDateTime",
     "UpcastError",
     "Upcaster",

@@ -5,6 +5,8 @@
     ├── IntegrityError        the database refused a write that breaks a uniqueness rule
     ├── UpcastError           a stored event cannot be brought to the current schema
     └── BackendError          the database failed or cannot be reached
+        └── TransientConflict the database aborted a transaction to break a deadlock or a
+                              serialization conflict: running it again is safe
 """
 
 from __future__ import annotations
@@ -38,3 +40,12 @@ class UpcastError(EventStoreError):
 
 class BackendError(EventStoreError):
     """The database reported an error the store cannot translate into anything more specific."""
+
+
+class TransientConflict(BackendError):
+    """The database aborted the transaction to resolve a conflict with another one (PostgreSQL's
+    deadlock detected, 40P01, or serialization failure, 40001). Nothing of it was committed:
+    running the same transaction again is safe and will usually succeed."""
+
+
+TRANSIENT_SQLSTATES = frozenset({"40P01", "40001"})

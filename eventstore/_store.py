@@ -8,7 +8,6 @@ not at all.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -19,6 +18,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, func, select
 from sqlalchemy import exc as sa_exc
 
+from eventstore._codec import PayloadCodec
 from eventstore._dialects import Dialect, dialect_for
 from eventstore._driver import DriverConnection, in_list, insert_sql, select_sql
 from eventstore._envelope import (
@@ -27,10 +27,19 @@ from eventstore._envelope import (
     NewEvent,
     StoredEvent,
     canonical_json,
+    envelope_hash,
     event_hash,
+    hashed_timestamp,
+    parse_json,
     utcnow,
 )
-from eventstore._errors import BackendError, ConcurrencyError, IntegrityError
+from eventstore._errors import (
+    TRANSIENT_SQLSTATES,
+    BackendError,
+    ConcurrencyError,
+    IntegrityError,
+    TransientConflict,
+)
 from eventstore._schema import events, metadata
 from eventstore._upcasting import Upcasters
 
@@ -92,22 +101,31 @@ def _translated_errors() -> Iterator[None]:
     except sa_exc.IntegrityError as error:
         raise IntegrityError(str(error.orig or error)) from error
     except sa_exc.OperationalError as error:
+        if getattr(error.orig, "sqlstate", None) in TRANSIENT_SQLSTATES:
+            raise TransientConflict(str(error.orig)) from error
         raise BackendError(str(error.orig or error)) from error
 
 
 class EventStore:
     """Append-only, hash-chained event log in a SQL database."""
 
-    def __init__(self, engine: Engine, dialect: Dialect, upcasters: Upcasters | None = None):
+    def __init__(self, engine: Engine, dialect: Dialect, upcasters: Upcasters | None = None,
+                 codec: PayloadCodec | None = None):
         self.engine = engine
         self.dialect = dialect
         self.upcasters = upcasters or Upcasters()
+        self.codec = codec
 
     @classmethod
-    def open(cls, url: str, upcasters: Upcasters | None = None) -> EventStore:
-        """Connect to ``url`` and create the events table (and its triggers) if missing."""
+    def open(cls, url: str, upcasters: Upcasters | None = None, *,
+             codec: PayloadCodec | None = None) -> EventStore:
+        """Connect to ``url`` and create the events table (and its triggers) if missing.
+
+        ``codec`` (see ``eventstore._codec``) transforms payloads into their stored form and
+        back; without one, payloads are stored as written.
+        """
         dialect = dialect_for(url)
-        store = cls(dialect.create_engine(url), dialect, upcasters)
+        store = cls(dialect.create_engine(url), dialect, upcasters, codec)
         store.create_schema()
         return store
 
@@ -119,6 +137,8 @@ class EventStore:
             self.dialect.lock_for_schema_setup(conn)
             metadata.create_all(conn)
             self.dialect.install_append_only_triggers(conn)
+            if self.codec is not None:
+                self.codec.create_schema(conn)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -182,8 +202,7 @@ class EventStore:
         # into the ConcurrencyError. It spares a query per command and per batched stream.
         versions = _stream_versions(db, sorted({a.stream_id for a in appends
                                                 if a.expected_version != 0}))
-        stored: list[StoredEvent] = []
-        rows: list[tuple[Any, ...]] = []
+        drafts: list[StoredEvent] = []
         for request in appends:
             current = versions.get(request.stream_id, 0)
             if request.expected_version is not None and request.expected_version != current:
@@ -192,28 +211,40 @@ class EventStore:
             for new in request.events:
                 position += 1
                 current += 1
-                payload_json = canonical_json(dict(new.payload))
-                envelope = {
-                    "position": position,
-                    "event_id": new.event_id,
-                    "stream_id": request.stream_id,
-                    "stream_version": current,
-                    "type": new.type,
-                    "schema_version": new.schema_version,
-                    "occurred_at": new.occurred_at,
-                    "recorded_at": recorded_at,
-                    "tenant": ctx.tenant,
-                    "actor": ctx.actor,
-                    "on_behalf_of": ctx.on_behalf_of,
-                    "correlation_id": ctx.correlation_id,
-                    "causation_id": ctx.causation_id,
-                    "prev_hash": prev_hash,
-                }
-                prev_hash = event_hash(payload_json=payload_json, **envelope)
-                event = StoredEvent(**envelope, payload=new.payload, hash=prev_hash)
-                stored.append(event)
-                rows.append(self._row(event, payload_json))
+                # Positional, in StoredEvent's field order: a batch builds thousands of them.
+                drafts.append(StoredEvent(
+                    position, new.event_id, request.stream_id, current, new.type,
+                    new.schema_version, new.occurred_at, recorded_at, ctx.tenant, ctx.actor,
+                    ctx.on_behalf_of, ctx.correlation_id, ctx.causation_id, new.payload, "", ""))
             versions[request.stream_id] = current
+        # The codec sees every event of the append at once (so it can batch its key lookups),
+        # and the hash covers the payload as stored: verify needs no keys.
+        stored_payloads: Sequence[Mapping[str, Any]] = (
+            [d.payload for d in drafts] if self.codec is None
+            else self.codec.encode(conn, drafts))
+        to_db_time = self.dialect.to_db_time
+        recorded_spelled = hashed_timestamp(recorded_at)
+        recorded_db = to_db_time(recorded_at)
+        stored: list[StoredEvent] = []
+        rows: list[tuple[Any, ...]] = []
+        for d, stored_payload in zip(drafts, stored_payloads, strict=True):
+            payload_json = canonical_json(
+                stored_payload if type(stored_payload) is dict else dict(stored_payload))
+            event_id = str(d.event_id)
+            hash_ = envelope_hash(
+                d.position, event_id, d.stream_id, d.stream_version, d.type, d.schema_version,
+                hashed_timestamp(d.occurred_at), recorded_spelled, d.tenant, d.actor,
+                d.on_behalf_of, d.correlation_id, d.causation_id, payload_json, prev_hash)
+            stored.append(StoredEvent(
+                d.position, d.event_id, d.stream_id, d.stream_version, d.type, d.schema_version,
+                d.occurred_at, recorded_at, d.tenant, d.actor, d.on_behalf_of, d.correlation_id,
+                d.causation_id, d.payload, prev_hash, hash_))
+            # ``_COLUMNS`` order.
+            rows.append((
+                d.position, event_id, d.stream_id, d.stream_version, d.type, d.schema_version,
+                to_db_time(d.occurred_at), recorded_db, d.tenant, d.actor, d.on_behalf_of,
+                d.correlation_id, d.causation_id, payload_json, prev_hash, hash_))
+            prev_hash = hash_
         db.executemany(_INSERT_EVENT, rows)
         return stored
 
@@ -225,16 +256,6 @@ class EventStore:
             return 0, GENESIS_HASH, utcnow()
         position, hash_, recorded_at = head
         return position, hash_, max(utcnow(), self.dialect.from_db_time(recorded_at))
-
-    def _row(self, event: StoredEvent, payload_json: str) -> tuple[Any, ...]:
-        """``event`` as the driver takes it, in ``_COLUMNS`` order."""
-        to_db_time = self.dialect.to_db_time
-        return (
-            event.position, str(event.event_id), event.stream_id, event.stream_version,
-            event.type, event.schema_version, to_db_time(event.occurred_at),
-            to_db_time(event.recorded_at), event.tenant, event.actor, event.on_behalf_of,
-            event.correlation_id, event.causation_id, payload_json, event.prev_hash, event.hash,
-        )
 
     def _raise_if_already_created(self, appends: Sequence[StreamAppend]) -> None:
         """After a failed append: raise the ConcurrencyError of a creation whose stream exists."""
@@ -254,13 +275,16 @@ class EventStore:
         *,
         after_version: int = 0,
         up_to_position: int | None = None,
+        decoded: bool = True,
     ) -> list[StoredEvent]:
+        """The stream's events in order; ``decoded=False``: payloads as stored (see
+        ``eventstore._codec``)."""
         sql = f"{_SELECT_EVENTS} WHERE stream_id = ? AND stream_version > ?"
         params: list[Any] = [stream_id, after_version]
         if up_to_position is not None:
             sql += " AND position <= ?"
             params.append(up_to_position)
-        return self._fetch(f"{sql} ORDER BY stream_version", params)
+        return self._fetch(f"{sql} ORDER BY stream_version", params, decoded=decoded)
 
     def read_all(
         self,
@@ -271,9 +295,13 @@ class EventStore:
         up_to_position: int | None = None,
         types: Sequence[str] | None = None,
         connection: Connection | None = None,
+        decoded: bool = True,
     ) -> list[StoredEvent]:
         """Events after ``after_position`` in log order; pass ``connection`` to read inside a
-        caller's transaction (projectors do, so the events and their checkpoint agree)."""
+        caller's transaction (projectors do, so the events and their checkpoint agree).
+
+        Payloads come decoded by the store's codec; ``decoded=False`` gives them as stored
+        (ciphertext: what the Kafka relay publishes, see ``eventstore._codec``)."""
         conditions, params = ["position > ?"], [after_position]
         if tenant is not None:
             conditions.append("tenant = ?")
@@ -291,7 +319,7 @@ class EventStore:
         if limit is not None:
             sql += " LIMIT ?"
             params.append(limit)
-        return self._fetch(sql, params, connection)
+        return self._fetch(sql, params, connection, decoded=decoded)
 
     def iter_all(self, after_position: int = 0, *, page_size: int = 5000,
                  up_to_position: int | None = None) -> Iterator[StoredEvent]:
@@ -323,14 +351,27 @@ class EventStore:
             versions = _stream_versions(DriverConnection(conn, self.dialect), [stream_id])
         return versions.get(stream_id, 0)
 
-    def _fetch(self, sql: str, params: Sequence[Any],
+    def decode(self, events: Sequence[StoredEvent], *,
                connection: Connection | None = None) -> list[StoredEvent]:
+        """Stored-form events read elsewhere (e.g. from Kafka) as ``read_all`` returns them."""
+        if self.codec is None or not events:
+            return list(events)
+        if connection is not None:
+            return self.codec.decode(connection, events)
+        with _translated_errors(), self.engine.connect() as conn:
+            return self.codec.decode(conn, events)
+
+    def _fetch(self, sql: str, params: Sequence[Any], connection: Connection | None = None,
+               *, decoded: bool = True) -> list[StoredEvent]:
+        codec = self.codec if decoded else None
         if connection is not None:
             rows = DriverConnection(connection, self.dialect).execute(sql, params).fetchall()
-        else:
-            with _translated_errors(), self.engine.connect() as conn:
-                rows = DriverConnection(conn, self.dialect).execute(sql, params).fetchall()
-        return [self._from_row(row) for row in rows]
+            events = [self._from_row(row) for row in rows]
+            return codec.decode(connection, events) if codec and events else events
+        with _translated_errors(), self.engine.connect() as conn:
+            rows = DriverConnection(conn, self.dialect).execute(sql, params).fetchall()
+            events = [self._from_row(row) for row in rows]
+            return codec.decode(conn, events) if codec and events else events
 
     def _from_row(self, row: Sequence[Any]) -> StoredEvent:
         """A row of ``_COLUMNS``, as the driver returns it, as the current schema's event."""
@@ -352,7 +393,7 @@ class EventStore:
             on_behalf_of=on_behalf_of,
             correlation_id=correlation_id,
             causation_id=causation_id,
-            payload=json.loads(payload),
+            payload=parse_json(payload),
             prev_hash=prev_hash,
             hash=hash_,
         ))
