@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Engine, or_, select
+from sqlalchemy import Connection, Engine, select
 
 from projections._readmodels import state_from_row
-from projections._state import MemoryState
+from projections._state import COLD_ARCHIVE, EXPIRED, MemoryState
 from projections._tables import audit, cube_labels, cubes, reads, usage, versions
 
 MAX_PAGE = 1000
@@ -64,6 +64,8 @@ class CubeFilter:
     kind: str | None = None
     label: str | None = None
     state: str | None = None
+    include_archived: bool = False
+    """Expired and cold-archived memories too (by default a listing leaves them out)."""
 
 
 def _check_limit(limit: int) -> None:
@@ -94,6 +96,10 @@ class ReadModels:
                 select(cube_labels.c.cube_id).where(cube_labels.c.label == where.label)))
         if after is not None:
             query = query.where(cubes.c.cube_id > after)
+        if not where.include_archived:
+            query = query.where(cubes.c.tier != COLD_ARCHIVE)
+            if where.state is None:
+                query = query.where(cubes.c.state != EXPIRED)
         with self.engine.connect() as conn:
             return [state_from_row(row) for row in conn.execute(query).mappings()]
 
@@ -121,38 +127,108 @@ class ReadModels:
               newest_first: bool = False) -> list[AuditEntry]:
         """A page of the audit trail. Cursor: the last position seen (``after``).
 
-        With ``newest_first`` the page runs backwards from ``after`` (0 = from the end).
-        """
+        With ``newest_first`` the page runs backwards from ``after`` (0 = from the end)."""
         _check_limit(limit)
-        query = select(audit).limit(limit)
-        if newest_first:
-            query = query.order_by(audit.c.position.desc())
-            if after:
-                query = query.where(audit.c.position < after)
-        else:
-            query = query.order_by(audit.c.position).where(audit.c.position > after)
-        if where.tenant is not None:
-            query = query.where(audit.c.tenant == where.tenant)
-        if where.actor is not None:
-            query = query.where(audit.c.actor == where.actor)
-        if where.cube_id is not None:
-            read_positions = select(reads.c.position).where(reads.c.cube_id == where.cube_id)
-            query = query.where(or_(audit.c.cube_id == where.cube_id,
-                                    audit.c.position.in_(read_positions)))
-        if where.types:
-            query = query.where(audit.c.type.in_(list(where.types)))
-        if where.since is not None:
-            query = query.where(audit.c.recorded_at >= where.since)
-        if where.until is not None:
-            query = query.where(audit.c.recorded_at < where.until)
         with self.engine.connect() as conn:
-            rows = conn.execute(query).mappings().all()
-        return [
-            AuditEntry(
-                position=row["position"], event_id=row["event_id"], type=row["type"],
-                stream_id=row["stream_id"], cube_id=row["cube_id"], tenant=row["tenant"],
-                actor=row["actor"], on_behalf_of=row["on_behalf_of"], reason=row["reason"],
-                detail=json.loads(row["detail"]), recorded_at=row["recorded_at"],
-            )
-            for row in rows
-        ]
+            return audit_page(conn, where, after=after, limit=limit, newest_first=newest_first)
+
+
+def audit_page(conn: Connection, where: AuditFilter, *, after: int = 0, limit: int = 100,
+               newest_first: bool = False) -> list[AuditEntry]:
+    """A page of the audit trail matching ``where``: up to ``limit`` entries beyond position
+    ``after`` (0: from the start, or with ``newest_first`` from the end), in position order.
+
+    One implementation for every surface (SDK, REST, CLI, dashboard): it walks the index of the
+    most selective filter, so a page costs about ``limit`` rows whatever the trail's length:
+
+    - a memory (``cube_id``): its own events (``audit_cube``) merged with the batches that read
+      it (``reads_cube``, then those rows by position);
+    - else types: one walk of ``audit_type`` per type, merged;
+    - else the actor's index, else the tenant's (else the positions).
+
+    One query with an ``OR`` of a memory's events and reads, or one the planner serves from the
+    tenant's index (SQLite without statistics does, for any filter that comes with a tenant),
+    walks the tenant's whole trail when the filter is rare: seconds at a million events."""
+    walks = []
+    if where.cube_id is not None:
+        walks.append(_filtered(select(audit), where, selective=True))
+    elif where.types:
+        walks += [_filtered(select(audit), replace(where, types=[kind]), selective=True)
+                  for kind in dict.fromkeys(where.types)]
+    else:
+        walks.append(_filtered(select(audit), where, selective=where.actor is not None))
+    rows: dict[int, Any] = {}
+    for walk in walks:
+        page = _beyond(walk, audit.c.position, after, newest_first).limit(limit)
+        for row in conn.execute(page).mappings():
+            rows[row["position"]] = row
+    if where.cube_id is not None:
+        rows.update(_read_by(conn, where, after=after, limit=limit, newest_first=newest_first))
+    return [audit_entry(rows[position])
+            for position in sorted(rows, reverse=newest_first)[:limit]]
+
+
+def _read_by(conn: Connection, where: AuditFilter, *, after: int, limit: int,
+             newest_first: bool) -> dict[int, Any]:
+    """Up to ``limit`` audit rows (by position) of the batches that read ``where.cube_id`` and
+    match the rest of ``where``, the first beyond ``after`` in the walk's direction."""
+    others = replace(where, cube_id=None)
+    rows: dict[int, Any] = {}
+    cursor = after
+    while len(rows) < limit:
+        batches = _beyond(select(reads.c.position).where(reads.c.cube_id == where.cube_id),
+                          reads.c.position, cursor, newest_first)
+        positions = list(conn.execute(batches.limit(limit)).scalars())
+        if positions:
+            for row in conn.execute(_filtered(select(audit), others, selective=True).where(
+                    audit.c.position.in_(positions))).mappings():
+                rows[row["position"]] = row
+        if len(positions) < limit:
+            break
+        cursor = positions[-1]
+    return rows
+
+
+def _beyond(query: Any, position: Any, after: int, newest_first: bool) -> Any:
+    """``query`` past the cursor ``after`` on ``position``, ordered in the walk's direction."""
+    if newest_first:
+        return (query.where(position < after) if after else query).order_by(position.desc())
+    return query.where(position > after).order_by(position)
+
+
+def audit_entry(row: Any) -> AuditEntry:
+    """An ``audit`` row (a mapping) as the trail's entry."""
+    return AuditEntry(
+        position=row["position"], event_id=row["event_id"], type=row["type"],
+        stream_id=row["stream_id"], cube_id=row["cube_id"], tenant=row["tenant"],
+        actor=row["actor"], on_behalf_of=row["on_behalf_of"], reason=row["reason"],
+        detail=json.loads(row["detail"]), recorded_at=row["recorded_at"])
+
+
+def _unindexed(column: Any) -> Any:
+    """``column`` through an expression no index serves (SQLite and PostgreSQL alike), so the
+    planner walks the index of a more selective filter of the same query."""
+    return column + ""
+
+
+def _filtered(query: Any, where: AuditFilter, *, selective: bool = False) -> Any:
+    """``query`` limited to ``where``; ``selective``: another filter than the tenant is the one
+    to walk an index of (a memory, a type, an actor). With a memory, that is the memory's: a
+    memory has a few events, a type or an actor may have a million (without statistics SQLite
+    may walk the type's index, say every ``MemoryAccessed``, for a memory's reads)."""
+    tenant, actor, kind = audit.c.tenant, audit.c.actor, audit.c.type
+    if selective:
+        tenant = _unindexed(tenant)
+        if where.cube_id is not None:
+            actor, kind = _unindexed(actor), _unindexed(kind)
+    for column, value in ((tenant, where.tenant), (actor, where.actor),
+                          (audit.c.cube_id, where.cube_id)):
+        if value is not None:
+            query = query.where(column == value)
+    if where.types:
+        query = query.where(kind.in_(list(where.types)))
+    if where.since is not None:
+        query = query.where(audit.c.recorded_at >= where.since)
+    if where.until is not None:
+        query = query.where(audit.c.recorded_at < where.until)
+    return query

@@ -21,11 +21,32 @@ MEMORY_DELETED = "MemoryDeleted"
 MEMORY_RESTORED = "MemoryRestored"
 MEMORY_ROLLED_BACK = "MemoryRolledBack"
 MEMORY_ACCESSED = "MemoryAccessed"
+# Retention (governance._retention): lifecycle moves on the memory's own stream.
+MEMORY_EXPIRED = "MemoryExpired"
+MEMORY_TIER_CHANGED = "MemoryTierChanged"
+MEMORY_DECAYED = "MemoryDecayed"
+MEMORY_RECALLED = "MemoryRecalled"
+# Sensitive data (governance._sensitive): findings of a write, and crypto-shredded content.
+SENSITIVE_DATA_DETECTED = "SensitiveDataDetected"
+MEMORY_CONTENT_ERASED = "MemoryContentErased"
+SUBJECT_ERASED = "SubjectErased"
+"""On stream ``subject:<subject>``: every memory the subject owns in the tenant loses its text."""
+# Parametric and activation memory (projections._lineage): on the artifact cube's own stream.
+PARAMETRIC_MEMORY_CREATED = "ParametricMemoryCreated"
+ACTIVATION_MEMORY_CREATED = "ActivationMemoryCreated"
+PARAMETRIC_MEMORY_TAINTED = "ParametricMemoryTainted"
+PARAMETRIC_MEMORY_RETIRED = "ParametricMemoryRetired"
+ARTIFACT_EVENT_TYPES = frozenset({PARAMETRIC_MEMORY_CREATED, ACTIVATION_MEMORY_CREATED,
+                                  PARAMETRIC_MEMORY_TAINTED, PARAMETRIC_MEMORY_RETIRED})
 
 CUBE_EVENT_TYPES = frozenset(
-    {MEMORY_CREATED, MEMORY_UPDATED, MEMORY_DELETED, MEMORY_RESTORED, MEMORY_ROLLED_BACK}
+    {MEMORY_CREATED, MEMORY_UPDATED, MEMORY_DELETED, MEMORY_RESTORED, MEMORY_ROLLED_BACK,
+     MEMORY_EXPIRED, MEMORY_TIER_CHANGED, MEMORY_DECAYED, MEMORY_RECALLED,
+     SENSITIVE_DATA_DETECTED, MEMORY_CONTENT_ERASED} | ARTIFACT_EVENT_TYPES
 )
-ACTIVE, DELETED = "active", "deleted"
+ACTIVE, DELETED, EXPIRED = "active", "deleted", "expired"
+WORKING, LONG_TERM, COLD_ARCHIVE = "working", "long_term", "cold_archive"
+TIERS = (WORKING, LONG_TERM, COLD_ARCHIVE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,10 +68,16 @@ class MemoryState:
     position: int
     last_event: str
     changed: tuple[str, ...] = field(default=())
+    tier: str = WORKING
 
     @property
     def deleted(self) -> bool:
         return self.state == DELETED
+
+    @property
+    def content_erased(self) -> bool:
+        """The text was crypto-shredded (a memory's text is never empty otherwise)."""
+        return self.text == ""
 
     @property
     def labels(self) -> tuple[str, ...]:
@@ -83,7 +110,9 @@ def evolve(state: MemoryState | None, event: StoredEvent) -> MemoryState:
             updated_by=event.actor,
             position=event.position,
             last_event=event.type,
-            changed=("text", "metadata"),
+            # Whether text changed is unknowable once it is erased: the rows an erasure purges
+            # drop "text" too, so a rebuild gives the rows the live projection has.
+            changed=("metadata",) if content.get("erased") else ("text", "metadata"),
         )
     if state is None:
         raise CorruptStream(f"{event.stream_id}: {event.type} before MemoryCreated")
@@ -109,6 +138,20 @@ def evolve(state: MemoryState | None, event: StoredEvent) -> MemoryState:
         return replace(touched, state=DELETED, changed=("state",))
     if event.type == MEMORY_RESTORED:
         return replace(touched, state=ACTIVE, changed=("state",))
+    if event.type == MEMORY_EXPIRED:
+        return replace(touched, state=EXPIRED, changed=("state",))
+    if event.type == MEMORY_TIER_CHANGED:
+        return replace(touched, tier=payload["to_tier"], changed=("tier",))
+    if event.type == MEMORY_RECALLED:
+        return replace(touched, tier=WORKING, changed=("tier",))
+    if event.type == MEMORY_DECAYED:
+        return replace(touched, changed=())
+    if event.type == SENSITIVE_DATA_DETECTED:
+        return replace(touched, changed=())
+    if event.type == MEMORY_CONTENT_ERASED:
+        return replace(touched, text="", changed=())
+    if event.type in ARTIFACT_EVENT_TYPES:  # what the artifact is and whether it may be loaded
+        return replace(touched, changed=())
     raise CorruptStream(f"{event.stream_id}: {event.type} is not a memory event")
 
 

@@ -30,6 +30,15 @@ checkpoints = Table(
     Column("position", BigInteger, nullable=False),
 )
 
+revisions = Table(
+    "projection_revisions",
+    metadata,
+    Column("name", String(100), primary_key=True),
+    Column("revision", Integer, nullable=False),
+)
+"""The ``Projection.revision`` each read model's tables and rows were built at. A read model with
+a checkpoint but no row here was built before revisions were recorded: at revision 1."""
+
 
 def _memory_state_columns() -> list[Column[object]]:
     """The columns of one MemoryState; ``cubes`` holds the latest, ``versions`` every one."""
@@ -49,6 +58,7 @@ def _memory_state_columns() -> list[Column[object]]:
         _position(),
         Column("last_event", String(100), nullable=False),
         Column("changed", Text, nullable=False),
+        Column("tier", String(16), nullable=False, server_default="working"),
     ]
 
 
