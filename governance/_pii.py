@@ -430,3 +430,17 @@ def _use_bundled_public_suffix_list() -> None:
 
     tldextract.tldextract.TLD_EXTRACTOR = tldextract.tldextract.TLDExtract(
         suffix_list_urls=(), cache_dir=None)
+
+
+_scanners: dict[str, PresidioScanner] = {}
+_scanners_lock = threading.Lock()
+
+
+def shared_scanner(policy: PiiPolicy) -> PresidioScanner:
+    """The process-wide scanner for ``policy``: spaCy and Presidio load once per process (on the
+    first scan), however many handles, backends and API workers the process opens."""
+    with _scanners_lock:
+        scanner = _scanners.get(policy.digest)
+        if scanner is None:
+            scanner = _scanners[policy.digest] = PresidioScanner(policy)
+        return scanner

@@ -1,4 +1,4 @@
-"""The key vault: per-subject AES-GCM keys, wrapped by a master key, destroyed on erasure.
+"""The key vault: per-memory keys under per-subject keys under a master key, destroyed on erasure.
 
 Runs on every database backend, with the engine the event store configures (the vault shares the
 log's database).
@@ -9,8 +9,8 @@ from __future__ import annotations
 import base64
 import json
 import os
-import threading
-from collections.abc import Iterator
+import uuid
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,12 +20,17 @@ from sqlalchemy.engine import make_url
 from eventstore import EventStore
 from governance._config import ConfigError
 from governance._keyvault import (
+    KEY_TABLES,
     KeyVault,
-    SubjectKeyDestroyed,
+    MemoryKey,
     UndecryptableContent,
     is_envelope,
     load_master_key,
+    memory_keys,
+    open_sealed,
     read_or_create_key_file,
+    scrub_database,
+    seal,
     subject_keys,
 )
 
@@ -41,162 +46,247 @@ def store(database_url: str) -> Iterator[EventStore]:
 
 @pytest.fixture
 def vault(store: EventStore) -> KeyVault:
-    vault = KeyVault(store.engine, MASTER_KEY)
-    vault.create_schema()
+    vault = KeyVault(MASTER_KEY)
+    with store.engine.begin() as conn:
+        vault.create_schema(conn)
     return vault
 
 
-def test_content_round_trips(vault: KeyVault) -> None:
-    envelope = vault.encrypt("user:ana", "Ana's flat is at 12 Rue Oberkampf ✓", aad="cube-1/1")
-    assert vault.decrypt(envelope, aad="cube-1/1") == "Ana's flat is at 12 Rue Oberkampf ✓"
+def _no_lookup(cube_ids: Sequence[str]) -> dict[str, tuple[str, str]]:
+    return {}
 
 
-def test_envelope_is_json_without_the_plaintext_and_never_repeats(vault: KeyVault) -> None:
-    first = vault.encrypt("user:ana", "prefers window seats", aad="cube-1/1")
-    second = vault.encrypt("user:ana", "prefers window seats", aad="cube-1/1")
+def key_for(vault: KeyVault, store: EventStore, cube_id: str,
+            owner: tuple[str, str] | None = ("acme", "user:ana")) -> MemoryKey:
+    with store.engine.begin() as conn:
+        return vault.memory_keys_for_writing(conn, {cube_id: owner}, owners_of=_no_lookup)[cube_id]
+
+
+def keys_by_id(vault: KeyVault, store: EventStore, *key_ids: str) -> dict[str, MemoryKey]:
+    with store.engine.connect() as conn:
+        return vault.memory_keys(conn, key_ids)
+
+
+def test_content_round_trips(vault: KeyVault, store: EventStore) -> None:
+    key = key_for(vault, store, "cube-1")
+    envelope = seal(key, "Ana's flat is at 12 Rue Oberkampf ✓", aad="event-1")
+    opened = keys_by_id(vault, store, key.key_id)[key.key_id]
+    assert open_sealed(opened, envelope, aad="event-1") == "Ana's flat is at 12 Rue Oberkampf ✓"
+
+
+def test_envelope_is_json_without_the_plaintext_and_never_repeats(
+        vault: KeyVault, store: EventStore) -> None:
+    key = key_for(vault, store, "cube-1")
+    first = seal(key, "prefers window seats", aad="event-1")
+    second = seal(key, "prefers window seats", aad="event-1")
     assert is_envelope(first)
     assert "window" not in json.dumps(first)
     assert first["nonce"] != second["nonce"]
     assert first["ciphertext"] != second["ciphertext"]
 
 
-def test_each_subject_has_one_key_of_its_own(vault: KeyVault) -> None:
-    ana = {vault.encrypt("user:ana", text, aad="a")["key_id"] for text in ("one", "two", "three")}
-    ben = vault.encrypt("user:ben", "one", aad="a")["key_id"]
-    assert len(ana) == 1
-    assert ben not in ana
+def test_a_memory_keeps_its_key_and_memories_share_their_subjects_key(
+        vault: KeyVault, store: EventStore) -> None:
+    first = key_for(vault, store, "cube-1")
+    assert key_for(vault, store, "cube-1", owner=None) == first
+    second = key_for(vault, store, "cube-2")
+    assert second.key_id != first.key_id
+    key_for(vault, store, "cube-3", owner=("acme", "user:ben"))
+    key_for(vault, store, "cube-4", owner=("globex", "user:ana"))  # another tenant's Ana
+    with store.engine.connect() as conn:
+        subjects = conn.execute(select(subject_keys.c.tenant, subject_keys.c.subject)
+                                .order_by(subject_keys.c.tenant, subject_keys.c.subject)).all()
+        assert vault.subjects_cubes(conn, "acme", "user:ana") == ["cube-1", "cube-2"]
+    assert [tuple(row) for row in subjects] == [
+        ("acme", "user:ana"), ("acme", "user:ben"), ("globex", "user:ana")]
 
 
-def test_an_envelope_opens_only_for_what_it_was_written_for(vault: KeyVault) -> None:
-    envelope = vault.encrypt("user:ana", "secret", aad="cube-1/1")
-    with pytest.raises(UndecryptableContent, match="another memory or version"):
-        vault.decrypt(envelope, aad="cube-1/2")
+def test_a_memory_without_a_key_or_an_owner_is_refused(vault: KeyVault, store: EventStore) -> None:
+    with pytest.raises(LookupError, match="no owner"):
+        key_for(vault, store, "cube-unknown", owner=None)
 
 
-def test_altered_ciphertext_is_rejected(vault: KeyVault) -> None:
-    envelope = vault.encrypt("user:ana", "secret", aad="cube-1/1")
+def test_keys_made_in_a_rolled_back_transaction_are_gone(
+        vault: KeyVault, store: EventStore) -> None:
+    with pytest.raises(RuntimeError), store.engine.begin() as conn:
+        vault.memory_keys_for_writing(conn, {"cube-1": ("acme", "user:ana")},
+                                      owners_of=_no_lookup)
+        raise RuntimeError("the append failed")
+    with store.engine.connect() as conn:
+        assert conn.execute(select(func.count()).select_from(memory_keys)).scalar_one() == 0
+
+
+def test_an_envelope_opens_only_for_what_it_was_written_for(
+        vault: KeyVault, store: EventStore) -> None:
+    key = key_for(vault, store, "cube-1")
+    envelope = seal(key, "secret", aad="event-1")
+    with pytest.raises(UndecryptableContent, match="another event"):
+        open_sealed(key, envelope, aad="event-2")
+
+
+def test_altered_ciphertext_is_rejected(vault: KeyVault, store: EventStore) -> None:
+    key = key_for(vault, store, "cube-1")
+    envelope = seal(key, "secret", aad="event-1")
     sealed = bytearray(base64.b64decode(envelope["ciphertext"]))
     sealed[0] ^= 1
     altered = {**envelope, "ciphertext": base64.b64encode(bytes(sealed)).decode()}
     with pytest.raises(UndecryptableContent):
-        vault.decrypt(altered, aad="cube-1/1")
+        open_sealed(key, altered, aad="event-1")
 
 
-def test_plain_content_is_not_an_envelope(vault: KeyVault) -> None:
+def test_plain_content_is_not_an_envelope() -> None:
     assert not is_envelope({"text": "written before encryption", "metadata": {}})
-    with pytest.raises(UndecryptableContent, match="not an encrypted content envelope"):
-        vault.decrypt({"text": "written before encryption"}, aad="cube-1/1")
+    assert not is_envelope("a string")
 
 
-def test_destroying_a_key_makes_its_content_unreadable_for_good(
+def test_destroying_a_subject_shreds_its_memories_keys_only(
         vault: KeyVault, store: EventStore) -> None:
-    ana = vault.encrypt("user:ana", "Ana's diagnosis", aad="cube-1/1")
-    ben = vault.encrypt("user:ben", "Ben's diagnosis", aad="cube-2/1")
+    ana = key_for(vault, store, "cube-1")
+    ana_too = key_for(vault, store, "cube-2")
+    ben = key_for(vault, store, "cube-3", owner=("acme", "user:ben"))
 
-    assert vault.destroy("user:ana") is True
+    with store.engine.begin() as conn:
+        assert vault.destroy_subject(conn, "acme", "user:ana") == 2
 
-    with pytest.raises(SubjectKeyDestroyed) as raised:
-        vault.decrypt(ana, aad="cube-1/1")
-    assert raised.value.key_id == ana["key_id"]
-    assert vault.decrypt(ben, aad="cube-2/1") == "Ben's diagnosis"
+    left = keys_by_id(vault, store, ana.key_id, ana_too.key_id, ben.key_id)
+    assert set(left) == {ben.key_id}
     with store.engine.connect() as conn:
-        rows = conn.execute(select(func.count()).select_from(subject_keys)
-                            .where(subject_keys.c.subject == "user:ana")).scalar_one()
-    assert rows == 0
-    assert vault.destroy("user:ana") is False
+        assert conn.execute(select(func.count()).select_from(subject_keys).where(
+            subject_keys.c.subject == "user:ana")).scalar_one() == 0
+    with store.engine.begin() as conn:
+        assert vault.destroy_subject(conn, "acme", "user:ana") == 0
 
 
-def test_a_subject_written_again_after_erasure_gets_a_new_key(vault: KeyVault) -> None:
-    before = vault.encrypt("user:ana", "old", aad="cube-1/1")
-    vault.destroy("user:ana")
-    after = vault.encrypt("user:ana", "new", aad="cube-9/1")
-    assert after["key_id"] != before["key_id"]
-    assert vault.decrypt(after, aad="cube-9/1") == "new"
-    with pytest.raises(SubjectKeyDestroyed):
-        vault.decrypt(before, aad="cube-1/1")
+def test_destroying_one_memorys_key_leaves_the_subjects_others(
+        vault: KeyVault, store: EventStore) -> None:
+    first = key_for(vault, store, "cube-1")
+    second = key_for(vault, store, "cube-2")
+    with store.engine.begin() as conn:
+        assert vault.destroy_memory(conn, "cube-1") is True
+        assert vault.destroy_memory(conn, "cube-1") is False
+    assert set(keys_by_id(vault, store, first.key_id, second.key_id)) == {second.key_id}
 
 
-def test_erasure_takes_effect_in_every_process_at_once(vault: KeyVault, database_url: str) -> None:
+def test_a_subject_written_again_after_erasure_gets_new_keys(
+        vault: KeyVault, store: EventStore) -> None:
+    before = key_for(vault, store, "cube-1")
+    with store.engine.begin() as conn:
+        vault.destroy_subject(conn, "acme", "user:ana")
+    after = key_for(vault, store, "cube-9")
+    assert after.key_id != before.key_id and after.key != before.key
+    assert set(keys_by_id(vault, store, before.key_id, after.key_id)) == {after.key_id}
+
+
+def test_erasure_takes_effect_in_every_process_at_once(
+        vault: KeyVault, store: EventStore, database_url: str) -> None:
     other_process = EventStore.open(database_url)
     try:
-        elsewhere = KeyVault(other_process.engine, MASTER_KEY)
-        envelope = vault.encrypt("user:ana", "secret", aad="cube-1/1")
-        assert elsewhere.decrypt(envelope, aad="cube-1/1") == "secret"
-        vault.destroy("user:ana")
-        with pytest.raises(SubjectKeyDestroyed):
-            elsewhere.decrypt(envelope, aad="cube-1/1")
+        elsewhere = KeyVault(MASTER_KEY)
+        key = key_for(vault, store, "cube-1")
+        with other_process.engine.connect() as conn:
+            assert key.key_id in elsewhere.memory_keys(conn, [key.key_id])  # now cached there
+        with store.engine.begin() as conn:
+            vault.destroy_subject(conn, "acme", "user:ana")
+        with other_process.engine.connect() as conn:
+            assert elsewhere.memory_keys(conn, [key.key_id]) == {}
     finally:
         other_process.close()
 
 
+def test_a_write_after_another_process_erased_the_subject_makes_a_new_subject_key(
+        vault: KeyVault, store: EventStore, database_url: str) -> None:
+    # This vault has the subject's key unwrapped in memory; the erasure elsewhere must still
+    # stop it from wrapping new memory keys under the shredded key.
+    other_process = EventStore.open(database_url)
+    try:
+        before = key_for(vault, store, "cube-1")
+        with other_process.engine.begin() as conn:
+            KeyVault(MASTER_KEY).destroy_subject(conn, "acme", "user:ana")
+        after = key_for(vault, store, "cube-2")
+        with store.engine.connect() as conn:
+            subject_key_ids = conn.execute(select(memory_keys.c.subject_key_id)).scalars().all()
+            live_subject_keys = conn.execute(select(subject_keys.c.key_id)).scalars().all()
+        assert subject_key_ids == live_subject_keys and len(live_subject_keys) == 1
+        assert set(keys_by_id(vault, store, before.key_id, after.key_id)) == {after.key_id}
+    finally:
+        other_process.close()
+
+
+def test_memory_keys_made_in_one_batch_are_distinct_and_open_again(
+        vault: KeyVault, store: EventStore) -> None:
+    owners = {f"cube-{i}": ("acme", f"user:{i % 2}") for i in range(5)}
+    with store.engine.begin() as conn:
+        made = vault.memory_keys_for_writing(conn, owners, owners_of=_no_lookup)
+    assert len({key.key for key in made.values()}) == len({key.key_id for key in made.values()})
+    assert len({key.key for key in made.values()}) == 5
+    assert all(uuid.UUID(key.key_id).version == 7 for key in made.values())
+    # A fresh vault (nothing cached) unwraps each from its row to the same key.
+    read_back = keys_by_id(KeyVault(MASTER_KEY), store, *(key.key_id for key in made.values()))
+    assert {key_id: key.key for key_id, key in read_back.items()} == {
+        key.key_id: key.key for key in made.values()}
+    with store.engine.connect() as conn:
+        nonces = [bytes(wrapped)[:12] for wrapped in
+                  conn.execute(select(memory_keys.c.wrapped_key)).scalars()]
+    assert len(set(nonces)) == 5
+
+
 def test_another_master_key_cannot_unwrap_the_subject_keys(
         vault: KeyVault, store: EventStore) -> None:
-    envelope = vault.encrypt("user:ana", "secret", aad="cube-1/1")
-    stranger = KeyVault(store.engine, bytes(32))
+    key = key_for(vault, store, "cube-1")
     with pytest.raises(ConfigError, match="master key is not the one"):
-        stranger.decrypt(envelope, aad="cube-1/1")
+        keys_by_id(KeyVault(bytes(32)), store, key.key_id)
 
 
 def test_a_wrapped_key_moved_onto_another_subject_does_not_unwrap(
         vault: KeyVault, store: EventStore) -> None:
-    vault.encrypt("user:ana", "secret", aad="cube-1/1")
-    vault.encrypt("user:ben", "secret", aad="cube-2/1")
+    key_for(vault, store, "cube-1")
+    ben = key_for(vault, store, "cube-2", owner=("acme", "user:ben"))
     with store.engine.begin() as conn:
         anas = conn.execute(select(subject_keys.c.wrapped_key)
                             .where(subject_keys.c.subject == "user:ana")).scalar_one()
         conn.execute(update(subject_keys).where(subject_keys.c.subject == "user:ben")
                      .values(wrapped_key=anas))
     with pytest.raises(ConfigError, match="or the key row was altered"):
-        vault.encrypt("user:ben", "more", aad="cube-3/1")
+        keys_by_id(KeyVault(MASTER_KEY), store, ben.key_id)
 
 
-def test_concurrent_first_writes_for_a_subject_share_one_key(
-        vault: KeyVault, database_url: str) -> None:
-    writers = 6
-    stores = [EventStore.open(database_url) for _ in range(writers)]
-    start = threading.Barrier(writers)
-    envelopes: dict[int, dict[str, str]] = {}
-    errors: list[BaseException] = []
-
-    def write(store: EventStore, n: int) -> None:
-        start.wait()
-        try:
-            envelopes[n] = KeyVault(store.engine, MASTER_KEY).encrypt(
-                "user:new", f"memory {n}", aad=f"cube-{n}/1")
-        except BaseException as error:
-            errors.append(error)
-
-    threads = [threading.Thread(target=write, args=(s, n)) for n, s in enumerate(stores)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    for store in stores:
-        store.close()
-
-    assert errors == []
-    assert len({e["key_id"] for e in envelopes.values()}) == 1
-    assert {n: vault.decrypt(e, aad=f"cube-{n}/1") for n, e in envelopes.items()} == {
-        n: f"memory {n}" for n in range(writers)}
+def test_a_memory_key_moved_onto_another_memory_does_not_unwrap(
+        vault: KeyVault, store: EventStore) -> None:
+    key_for(vault, store, "cube-1")
+    other = key_for(vault, store, "cube-2")
+    with store.engine.begin() as conn:
+        first = conn.execute(select(memory_keys.c.wrapped_key)
+                             .where(memory_keys.c.cube_id == "cube-1")).scalar_one()
+        conn.execute(update(memory_keys).where(memory_keys.c.cube_id == "cube-2")
+                     .values(wrapped_key=first))
+    with pytest.raises(UndecryptableContent, match="altered or moved"):
+        keys_by_id(KeyVault(MASTER_KEY), store, other.key_id)
 
 
-def test_a_destroyed_key_leaves_no_bytes_in_the_sqlite_files(sqlite_url: str) -> None:
+def test_destroyed_keys_leave_no_bytes_in_the_sqlite_files(sqlite_url: str) -> None:
     store = EventStore.open(sqlite_url)
     try:
-        vault = KeyVault(store.engine, MASTER_KEY)
-        vault.create_schema()
+        vault = KeyVault(MASTER_KEY)
+        with store.engine.begin() as conn:
+            vault.create_schema(conn)
         for n in range(30):
-            vault.encrypt(f"user:{n}", "filler", aad="x")
-        vault.encrypt("user:ana", "secret", aad="cube-1/1")
+            key_for(vault, store, f"filler-{n}", owner=("acme", f"user:{n}"))
+        key_for(vault, store, "cube-1")
         with store.engine.connect() as conn:
-            wrapped = conn.execute(select(subject_keys.c.wrapped_key)
-                                   .where(subject_keys.c.subject == "user:ana")).scalar_one()
+            wrapped = [conn.execute(select(table.c.wrapped_key).where(condition)).scalar_one()
+                       for table, condition in (
+                           (subject_keys, subject_keys.c.subject == "user:ana"),
+                           (memory_keys, memory_keys.c.cube_id == "cube-1"))]
         database = Path(make_url(sqlite_url).database or "")
-        assert any(wrapped in f.read_bytes() for f in _database_files(database))
+        for blob in wrapped:
+            assert any(blob in f.read_bytes() for f in _database_files(database))
 
-        vault.destroy("user:ana")
+        with store.engine.begin() as conn:
+            vault.destroy_subject(conn, "acme", "user:ana")
+        assert scrub_database(store.engine, KEY_TABLES)
 
-        assert not any(wrapped in f.read_bytes() for f in _database_files(database))
+        for blob in wrapped:
+            assert not any(blob in f.read_bytes() for f in _database_files(database))
     finally:
         store.close()
 

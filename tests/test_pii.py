@@ -50,7 +50,8 @@ def test_the_shipped_policy_loads() -> None:
     policy = PiiPolicy.load()
     assert {"PERSON", "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE",
             "IP_ADDRESS", "EMPLOYEE_ID", "MEDICAL_RECORD_NUMBER"} <= set(policy.entity_types)
-    assert policy.rules["CREDIT_CARD"].action is Action.BLOCK
+    assert policy.rules["CREDIT_CARD"].action is Action.MASK_ON_READ
+    assert policy.rules["US_SSN"].action is Action.BLOCK
     assert policy.rules["PHONE_NUMBER"].threshold == 0.4
     assert policy.rules["EMAIL_ADDRESS"].threshold == 0.5
     assert {r.entity_type for r in policy.recognizers} == {
