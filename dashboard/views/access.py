@@ -1,0 +1,3 @@
+from dashboard import _views
+
+_views.access()
