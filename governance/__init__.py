@@ -5,7 +5,9 @@ Errors (all subclasses of ``MemWardenError``) are documented in ``governance._er
 
 from governance._api import create_app
 from governance._config import ENVIRONMENT_VARIABLES, ConfigError, Settings
+from governance._erasure import ErasureReport
 from governance._errors import (
+    ContentErased,
     EmptyText,
     InvalidCommand,
     MalformedMetadata,
@@ -18,9 +20,11 @@ from governance._errors import (
 )
 from governance._keys import ALL_TENANTS, ApiKeys, IssuedKey, Unauthenticated, key_as_dict
 from governance._memcube import KINDS, SEMANTIC_TYPES, SOURCES, Limits, MemCube, MemoryMetadata
+from governance._pii import SensitiveDataBlocked
 from governance._policy import AccessPolicy, Decision, PermissionDenied, PolicyRule
 from governance._principal import ACTIONS, PLATFORM, ROLES, Principal, Resource
 from governance._sdk import Diff, MemWarden, diff_states, state_as_dict
+from governance._search import SearchResult
 from projections import AuditEntry, AuditFilter, CubeFilter, MemoryState, Usage, Version
 
 __all__ = [
@@ -37,10 +41,12 @@ __all__ = [
     "AuditEntry",
     "AuditFilter",
     "ConfigError",
+    "ContentErased",
     "CubeFilter",
     "Decision",
     "Diff",
     "EmptyText",
+    "ErasureReport",
     "InvalidCommand",
     "IssuedKey",
     "Limits",
@@ -55,6 +61,8 @@ __all__ = [
     "PolicyRule",
     "Principal",
     "Resource",
+    "SearchResult",
+    "SensitiveDataBlocked",
     "Settings",
     "StateConflict",
     "TextTooLarge",

@@ -36,6 +36,9 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from eventstore import EventStoreError, IntegrityError
+from eventstore._kafka import ReadModelsBehind
+from governance._api_lineage import lineage_router
+from governance._api_retention import retention_router
 from governance._api_schemas import (
     MAX_POSITION,
     MAX_VERSION,
@@ -65,6 +68,8 @@ from governance._api_schemas import (
     audit_document,
     version_document,
 )
+from governance._api_search import search_router
+from governance._api_sensitive import sensitive_router
 from governance._config import Settings
 from governance._errors import (
     InvalidCommand,
@@ -116,7 +121,7 @@ def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
 
 
 _AUTH = (401, 403)
-_READ = _errors(*_AUTH, 404, 422)
+_READ = _errors(*_AUTH, 404, 409, 422)  # 409: the memory is in the cold archive (recall it)
 _WRITE = _errors(400, *_AUTH, 404, 409, 413, 422)
 
 
@@ -179,9 +184,17 @@ def _http_error(max_body_bytes: int) -> Callable[[Request, Exception], Any]:
     return handle
 
 
+READ_MODELS_RETRY_AFTER_SECONDS = 30
+"""How long a client told that the Kafka-fed read models lag (``ReadModelsBehind``) waits."""
+
+
 async def _store_error(request: Request, error: Exception) -> JSONResponse:
     if isinstance(error, IntegrityError):  # a write that collides with one already logged
         return problem(409, f"the write conflicts with the log: {error}")
+    if isinstance(error, ReadModelsBehind):  # distributed mode: the database is fine
+        logger.warning("%s %s: %s", request.method, request.url.path, error)
+        return problem(503, f"the read models are behind the log: {error}",
+                       headers={"Retry-After": str(READ_MODELS_RETRY_AFTER_SECONDS)})
     logger.error("database error on %s %s: %s", request.method, request.url.path, error)
     return problem(503, "the database is unavailable; try again shortly")
 
@@ -233,15 +246,23 @@ class _BodyLimit:
 
 
 def _problems_as_problem_json(app: FastAPI) -> None:
-    """FastAPI documents every response model as application/json; ours are problem+json."""
+    """FastAPI documents every response model as application/json; ours are problem+json.
+    Every route that takes a body can also answer 400 (not JSON) and 413 (too large): those
+    come from the body handling shared by all routes, so they are documented here once."""
     generate = app.openapi
 
     def openapi() -> dict[str, Any]:
         first_time = app.openapi_schema is None
         schema = generate()
         if first_time:
+            problem_ref = {"$ref": "#/components/schemas/Problem"}
             for operations in schema["paths"].values():
                 for operation in operations.values():
+                    if "requestBody" in operation:
+                        for status in ("400", "413"):
+                            operation["responses"].setdefault(status, {
+                                "description": http.HTTPStatus(int(status)).phrase,
+                                "content": {PROBLEM_JSON: {"schema": problem_ref}}})
                     for status, response in operation["responses"].items():
                         content = response.get("content", {})
                         if status >= "400" and "application/json" in content:
@@ -378,13 +399,17 @@ def list_memories(
     owner: Name | None = None,
     kind: Literal[KINDS] | None = None,  # type: ignore[valid-type]
     label: Name | None = None,
-    state: Literal["active", "deleted"] | None = None,
+    state: Literal["active", "deleted", "expired"] | None = None,
+    include_archived: Annotated[bool, Query(
+        description="expired and cold-archived memories too (needs memory.recall)")] = False,
     after: Annotated[Name | None, Query(description="the `next` of the previous page")] = None,
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE)] = 100,
 ) -> dict[str, Any]:
-    """One page of memories in id order; a key sees only its own tenant's."""
+    """One page of memories in id order; a key sees only its own tenant's. Expired and
+    cold-archived memories are left out unless include_archived."""
     page = caller.memwarden.list(
-        CubeFilter(tenant=tenant, owner=owner, kind=kind, label=label, state=state),
+        CubeFilter(tenant=tenant, owner=owner, kind=kind, label=label, state=state,
+                   include_archived=include_archived),
         after=after, limit=limit)
     return {"items": [state_as_dict(m) for m in page],
             "next": page[-1].cube_id if len(page) == limit else None}
@@ -607,7 +632,11 @@ def readyz(caller: CallerDep) -> dict[str, Any]:
     return {"status": "ready", **caller.memwarden.readiness()}
 
 
-_ROUTERS = (memories, log, keys, policies, health)
+_ROUTERS = (memories, log, keys, policies, health,
+            search_router(_caller, _CHECKED, _errors(*_AUTH, 422)),
+            retention_router(_caller, _CHECKED, _errors),
+            sensitive_router(_caller, _CHECKED, _errors),
+            lineage_router(_caller, _CHECKED, _errors))
 
 # -- the app ---------------------------------------------------------------------------------
 
@@ -622,6 +651,7 @@ def create_app(source: Settings | MemWarden | None = None) -> FastAPI:
         memwarden, owned = MemWarden.open(settings=settings, actor="memwarden:api"), True
     # Keys and memories are read from the projections: apply anything left unprojected.
     memwarden.projector.catch_up()
+    memwarden.backend.sensitive.warm_up()
     max_body_bytes = _BODY_BYTES_PER_TEXT_BYTE * settings.max_text_bytes
 
     @asynccontextmanager

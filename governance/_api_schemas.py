@@ -121,7 +121,9 @@ class Memory(BaseModel):
     owner: str
     kind: str
     version: int
-    state: Literal["active", "deleted"]
+    state: Literal["active", "deleted", "expired"]
+    tier: Literal["working", "long_term", "cold_archive"] = Field(
+        "working", description="retention tier; cold_archive content is read by a recall")
     text: str
     metadata: Metadata
     created_at: datetime

@@ -18,6 +18,7 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from eventstore import EventStoreError
 from governance._config import ConfigError, Settings
@@ -34,13 +35,22 @@ from governance._memcube import SEMANTIC_TYPES, SOURCES
 from governance._policy import PermissionDenied, PolicyRule
 from governance._principal import PLATFORM, ROLES, Resource
 from governance._sdk import MemWarden, state_as_dict
-from projections import ApiKeyRecord, AuditEntry, AuditFilter, CubeFilter, MemoryState
+from projections import (
+    COLD_ARCHIVE,
+    ApiKeyRecord,
+    AuditEntry,
+    AuditFilter,
+    CubeFilter,
+    MemoryState,
+)
 
 (EXIT_OK, EXIT_FAILURE, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_INTEGRITY,
  EXIT_DENIED) = range(7)
 
-console = Console()
-err_console = Console(stderr=True)
+# Markup off: memory texts, ids and error messages hold whatever users wrote, and "[note]" or
+# "[bold]" in them must print as written. Styled words are built as rich Text instead.
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -109,10 +119,10 @@ def command(group: click.Group, name: str | None = None) -> Callable[[F], F]:
                     # Another tenant's: say exactly what a missing one would.
                     resource = error.decision.resource
                     message = f"no {resource.kind} with id {resource.id!r}"
-                err_console.print(f"[red]error:[/red] {message}", highlight=False)
+                err_console.print(Text.assemble(("error:", "red"), f" {message}"), highlight=False)
                 sys.exit(_exit_code(error))
             except (ConfigError, EventStoreError) as error:
-                err_console.print(f"[red]error:[/red] {error}", highlight=False)
+                err_console.print(Text.assemble(("error:", "red"), f" {error}"), highlight=False)
                 sys.exit(EXIT_FAILURE)
             finally:
                 ctx.close()
@@ -221,7 +231,8 @@ def add_command(mw: MemWarden, text: str, tenant: str, owner: str, kind: str,
     if as_json:
         _print_json(state_as_dict(memory))
     else:
-        console.print(f"added [bold]{memory.cube_id}[/bold] (version {memory.version})")
+        console.print(Text.assemble("added ", (memory.cube_id, "bold"),
+                                    f" (version {memory.version})"))
 
 
 @command(cli, "get")
@@ -241,15 +252,19 @@ def get_command(mw: MemWarden, cube_id: str, as_json: bool) -> None:
 @click.option("--owner")
 @click.option("--kind")
 @click.option("--label")
-@click.option("--state", type=click.Choice(["active", "deleted"]))
+@click.option("--state", type=click.Choice(["active", "deleted", "expired"]))
+@click.option("--include-archived", is_flag=True,
+              help="Expired and cold-archived memories too (needs memory.recall).")
 @click.option("--after", help="Cursor: the last id of the previous page.")
 @click.option("--limit", default=50, show_default=True, type=click.IntRange(1, 1000))
 @json_option
 def list_command(mw: MemWarden, tenant: str | None, owner: str | None, kind: str | None,
-                 label: str | None, state: str | None, after: str | None, limit: int,
-                 as_json: bool) -> None:
-    """List memories (one page; --after continues)."""
-    page = mw.list(CubeFilter(tenant=tenant, owner=owner, kind=kind, label=label, state=state),
+                 label: str | None, state: str | None, include_archived: bool,
+                 after: str | None, limit: int, as_json: bool) -> None:
+    """List memories (one page; --after continues). Expired and cold-archived memories are left
+    out unless --include-archived."""
+    page = mw.list(CubeFilter(tenant=tenant, owner=owner, kind=kind, label=label, state=state,
+                              include_archived=include_archived),
                    after=after, limit=limit)
     if as_json:
         _print_json({"items": [state_as_dict(m) for m in page],
@@ -258,10 +273,18 @@ def list_command(mw: MemWarden, tenant: str | None, owner: str | None, kind: str
     table = Table("id", "tenant", "owner", "v", "state", "text")
     for memory in page:
         table.add_row(memory.cube_id, memory.tenant, memory.owner, str(memory.version),
-                      memory.state, memory.text if len(memory.text) < 60 else memory.text[:57] + "…")
+                      *_listed_state_and_text(memory))
     console.print(table)
     if len(page) == limit:
         console.print(f"more: --after {page[-1].cube_id}")
+
+
+def _listed_state_and_text(memory: MemoryState) -> tuple[str, str]:
+    """A listed memory's state and the start of its text. A cold-archived memory's text is held
+    compressed until a recall (``memwarden recall``), not shown blank as if erased."""
+    if memory.tier == COLD_ARCHIVE:
+        return f"{memory.state}, cold", "(cold archive: recall to read)"
+    return memory.state, memory.text if len(memory.text) < 60 else memory.text[:57] + "…"
 
 
 @command(cli, "update")
@@ -458,12 +481,13 @@ def verify_command(mw: MemWarden, as_json: bool) -> None:
                      "first_break": None if brk is None else
                      {"position": brk.position, "event_id": brk.event_id, "reason": brk.reason}})
     elif report.ok:
-        console.print(f"[green]ok[/green]: {report.checked} events, chain intact")
+        console.print(Text.assemble(("ok", "green"), f": {report.checked} events, chain intact"))
     else:
         brk = report.first_break
         assert brk is not None
-        console.print(f"[red]BROKEN[/red] at position {brk.position} (event {brk.event_id}): "
-                      f"{brk.reason}; {report.checked} events before it are intact")
+        console.print(Text.assemble(
+            ("BROKEN", "red"), f" at position {brk.position} (event {brk.event_id}): "
+            f"{brk.reason}; {report.checked} events before it are intact"))
     if not report.ok:
         sys.exit(EXIT_INTEGRITY)
 
@@ -477,7 +501,14 @@ def projections_group() -> None:
 @click.argument("names", nargs=-1)
 @json_option
 def rebuild_command(mw: MemWarden, names: tuple[str, ...], as_json: bool) -> None:
-    """Drop read models (default: all) and replay the whole log into them."""
+    """Drop read models (default: all) and replay the whole log into them. In the distributed
+    mode, drop them with the offsets of the Kafka consumers that maintain them: those read the
+    topic again from offset 0."""
+    if mw.settings.kafka_bootstrap:
+        from governance._cli_kafka import rebuild_kafka_fed
+
+        rebuild_kafka_fed(mw, names, as_json)
+        return
     with _progress() as progress:
         task = progress.add_task("replaying", total=None)
         applied = mw.rebuild_projections(names or None, on_progress=lambda done, total:
@@ -491,7 +522,13 @@ def rebuild_command(mw: MemWarden, names: tuple[str, ...], as_json: bool) -> Non
 @command(projections_group, "status")
 @json_option
 def status_command(mw: MemWarden, as_json: bool) -> None:
-    """Each read model's checkpoint against the head of the log."""
+    """Each read model's checkpoint against the head of the log (distributed mode: each Kafka
+    consumer's read models, offsets, and the position it has applied the log through)."""
+    if mw.settings.kafka_bootstrap:
+        from governance._cli_kafka import show_kafka_status
+
+        show_kafka_status(mw, as_json)
+        return
     checkpoints = mw.projection_checkpoints()
     head = mw.store.head_position()
     if as_json:
@@ -584,15 +621,18 @@ def keys_list_command(mw: MemWarden, tenant: str | None, include_revoked: bool,
 @click.option("--host", help="Interface to listen on (default: $MEMWARDEN_API_HOST, 127.0.0.1).")
 @click.option("--port", type=click.IntRange(0, 65535),
               help="Port (default: $MEMWARDEN_API_PORT, 8000; 0 picks a free one).")
-def up_command(mw: MemWarden, host: str | None, port: int | None) -> None:
-    """Start the REST API, the projector and the workers in one process (Ctrl+C stops)."""
+@click.option("--no-dashboard", is_flag=True,
+              help="Do not start the compliance dashboard ($MEMWARDEN_DASHBOARD_PORT, 8501).")
+def up_command(mw: MemWarden, host: str | None, port: int | None, no_dashboard: bool) -> None:
+    """Start the REST API, the projector, the workers and the compliance dashboard (Ctrl+C
+    stops)."""
     from governance._up import run_stack  # imports uvicorn and FastAPI: only for this command
 
     mw.require("platform.operate", Resource.of_tenant(PLATFORM))
     settings = Settings.from_env()
     run_stack(mw, host=host or settings.api_host,
               port=settings.api_port if port is None else port,
-              data_dir=Path(settings.data_dir), echo=click.echo)
+              data_dir=Path(settings.data_dir), echo=click.echo, dashboard=not no_dashboard)
 
 
 def main() -> None:
@@ -653,3 +693,11 @@ def policy_remove_command(mw: MemWarden, ptype: str, values: tuple[str, ...], re
         _print_json({"rule": rule.fields(), "revision": revision})
     else:
         console.print(f"removed: {rule} (policy revision {revision})")
+
+
+import governance._cli_conversion  # noqa: E402  (registers convert, lineage, artifacts)
+import governance._cli_dashboard  # noqa: E402  (registers dashboard)
+import governance._cli_kafka  # noqa: E402  (registers relay, project, bundle)
+import governance._cli_retention  # noqa: E402  (registers retention, hold, recall)
+import governance._cli_search  # noqa: E402  (registers search)
+import governance._cli_sensitive  # noqa: E402, F401  (registers erase, export, findings, erasures)

@@ -100,6 +100,23 @@ def _steps(mw: MemWarden) -> list[Callable[[], object]]:
         lambda: [as_("agent:scheduler").get(m("acme-health", n)) for n in (2, 4)],
         lambda: [as_("agent:concierge").get(m("globex-travel", n)) for n in (1, 2, 3, 4)],
         lambda: as_("auditor:kim").get(m("initech-hr", 2)),
+        # Litigation: nothing about Lena may expire, go cold or be erased while the case runs
+        # (policies/retention.yaml would otherwise expire her compensation note after 2 years).
+        lambda: as_("officer:jane.roe").place_hold(
+            tenant="initech-hr", owner="employee:lena.fischer", case_id="HR-2026-114",
+            reason="pending employment tribunal claim: preserve all records"),
+        # Hot travel memories become parametric and activation memory (policies/conversion.yaml):
+        # a LoRA adapter of Sam's, a KV cache of Aiko's; then Aiko's diet changes, which taints
+        # the cache (`memwarden lineage activation.globex-travel.customer.aiko.tanaka`).
+        mw.flush_reads,
+        lambda: as_("officer:jane.roe").convert_parametric(
+            tenant="globex-travel", owner="customer:sam.okafor",
+            reason="Sam's booking rules are read on every trip"),
+        lambda: as_("officer:jane.roe").convert_activation(
+            tenant="globex-travel", owner="customer:aiko.tanaka",
+            reason="Aiko's preferences open every conversation"),
+        lambda: as_("agent:concierge").update(
+            m("globex-travel", 2), text="Aiko is vegan.", reason="she corrected it on the phone"),
     ]
 
 

@@ -8,6 +8,7 @@
     │   └── VersionNotFound      rollback / diff / read of a version that does not exist
     ├── TextTooLarge             over the configured limit                           (HTTP 413)
     ├── StateConflict            e.g. update of a deleted memory                     (HTTP 409)
+    │   └── ContentErased        its text was crypto-shredded: no update, rollback or time travel
     └── VersionConflict          expected_version is stale; carries the current one  (HTTP 409)
 """
 
@@ -46,6 +47,10 @@ class TextTooLarge(MemWardenError):
 
 class StateConflict(MemWardenError):
     pass
+
+
+class ContentErased(StateConflict):
+    """The text asked for, or needed, was erased (crypto-shredded) and can never be read again."""
 
 
 class VersionConflict(MemWardenError):

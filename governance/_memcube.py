@@ -7,12 +7,15 @@ class) and behavioural (access count and recency, kept by the ``usage`` projecti
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from eventstore import NewEvent, StoredEvent
+from eventstore._envelope import uuid7
 from governance._errors import (
+    ContentErased,
     EmptyText,
     InvalidCommand,
     MalformedMetadata,
@@ -22,7 +25,9 @@ from governance._errors import (
     VersionNotFound,
 )
 from projections import (
+    COLD_ARCHIVE,
     CUBE_EVENT_TYPES,
+    EXPIRED,
     MEMORY_CREATED,
     MEMORY_DELETED,
     MEMORY_RESTORED,
@@ -65,17 +70,18 @@ class MemoryMetadata:
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], base: MemoryMetadata | None = None) -> MemoryMetadata:
-        """Validate ``raw`` (a full document, or a patch over ``base``) with errors a person reads."""
+        """Validate ``raw`` (a full document, or a patch over ``base``), with errors a person
+        can act on."""
         if not isinstance(raw, Mapping):
             raise MalformedMetadata("metadata must be an object")
-        known = set(cls.__dataclass_fields__)
-        if not all(isinstance(key, str) for key in raw):
-            raise MalformedMetadata("metadata field names must be strings")
-        unknown = sorted(set(raw) - known)
-        if unknown:
+        known = cls.__dataclass_fields__
+        if not known.keys() >= raw.keys():
+            if not all(isinstance(key, str) for key in raw):
+                raise MalformedMetadata("metadata field names must be strings")
+            unknown, names = sorted(set(raw) - set(known)), sorted(known)
             raise MalformedMetadata(
-                f"unknown metadata field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        merged = {**(base or cls()).to_dict(), **raw}
+                f"unknown metadata field(s) {', '.join(unknown)}; known: {', '.join(names)}")
+        merged = {**(base.to_dict() if base else _DEFAULT_METADATA), **raw}
         return cls(
             source=_choice("source", merged["source"], SOURCES),
             semantic_type=_choice("semantic_type", merged["semantic_type"], SEMANTIC_TYPES),
@@ -88,6 +94,9 @@ class MemoryMetadata:
         )
 
 
+_DEFAULT_METADATA = MemoryMetadata().to_dict()
+
+
 def _choice(field_name: str, value: Any, allowed: Sequence[str]) -> str:
     if value not in allowed:
         raise MalformedMetadata(f"{field_name} must be one of {', '.join(allowed)}; got {value!r}")
@@ -98,7 +107,7 @@ def _name(field_name: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip() or len(value) > _MAX_NAME:
         raise MalformedMetadata(f"{field_name} must be a non-empty string of at most "
                                 f"{_MAX_NAME} characters; got {value!r}")
-    if any(ord(ch) < 32 for ch in value) or not _encodable(value):
+    if _UNSTORABLE.search(value):
         raise MalformedMetadata(f"{field_name} must not contain control characters or lone "
                                 "surrogates")
     return value.strip()
@@ -124,6 +133,14 @@ def _priority(value: Any) -> int:
     return value
 
 
+def new_memory_id() -> str:
+    """The id of a memory added without one: a time-ordered (version 7) UUID, like event ids,
+    so the memories a batch adds land together at the end of every index keyed by memory id
+    (the stream index of the log, the key vault's, the read models') instead of scattering
+    writes over all their pages."""
+    return str(uuid7())
+
+
 def validate_cube_id(value: Any) -> str:
     """Cube ids name event streams; ``:`` is kept for system streams such as ``reads:<tenant>``."""
     cube_id = validate_identifier("id", value)
@@ -137,19 +154,16 @@ def validate_identifier(field_name: str, value: Any) -> str:
     if not isinstance(value, str) or not value or value != value.strip() or len(value) > _MAX_NAME:
         raise InvalidCommand(f"{field_name} must be a non-empty string of at most {_MAX_NAME} "
                              f"characters without surrounding spaces; got {value!r}")
-    if any(ord(ch) < 32 for ch in value) or not _encodable(value):
+    if _UNSTORABLE.search(value):
         raise InvalidCommand(f"{field_name} must not contain control characters or lone "
                              "surrogates")
     return value
 
 
-def _encodable(value: str) -> bool:
-    """Lone surrogates cannot be stored as UTF-8 (the log's hash is over UTF-8 bytes)."""
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
+_UNSTORABLE = re.compile("[\x00-\x1f\ud800-\udfff]")
+"""Control characters, and lone surrogates: they cannot be stored as UTF-8 (the log's hash is over
+UTF-8 bytes). One precompiled scan, as names are checked on every write."""
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 def _required_reason(reason: str | None, what: str) -> str:
@@ -168,7 +182,7 @@ def _checked_text(text: Any, limits: Limits) -> str:
         raise InvalidCommand("text must be a string")
     if not text.strip():
         raise EmptyText("memory text must not be empty")
-    if not _encodable(text):
+    if _SURROGATE.search(text):
         raise InvalidCommand("memory text must be valid Unicode (it holds a lone surrogate)")
     size = len(text.encode())
     if size > limits.max_text_bytes:
@@ -220,6 +234,9 @@ class MemCube:
     def update(self, *, text: str | None, metadata: Mapping[str, Any] | None,
                reason: str | None, limits: Limits) -> list[NewEvent]:
         self._require_active("update")
+        if self.state.content_erased:
+            raise ContentErased(f"memory {self.state.cube_id}'s content was erased; it can no "
+                                "longer be changed (add a new memory instead)")
         if text is None and metadata is None:
             raise InvalidCommand("an update needs new text, metadata, or both")
         new_text = self.state.text if text is None else _checked_text(text, limits)
@@ -240,7 +257,8 @@ class MemCube:
         return [NewEvent(MEMORY_RESTORED, {"reason": reason})]
 
     def rollback(self, *, to_version: int, reason: str | None) -> list[NewEvent]:
-        """Append a new version whose content equals version ``to_version``; nothing is rewritten."""
+        """Append a new version whose content equals version ``to_version``; nothing is
+        rewritten."""
         self._require_active("roll back")
         why = _required_reason(reason, "roll back a memory")
         if isinstance(to_version, bool) or not isinstance(to_version, int):
@@ -251,6 +269,9 @@ class MemCube:
         if to_version == self.version:
             raise InvalidCommand(f"version {to_version} is already the current version")
         text, metadata = self.contents[to_version]
+        if not text:
+            raise ContentErased(f"version {to_version} of memory {self.state.cube_id} was "
+                                "erased: its content can never be restored")
         return [NewEvent(MEMORY_ROLLED_BACK, {
             "to_version": to_version,
             "content": {"text": text, "metadata": dict(metadata)},
@@ -261,3 +282,9 @@ class MemCube:
         if self.state.deleted:
             raise StateConflict(f"memory {self.state.cube_id} is deleted; restore it before you "
                                 f"{action} it")
+        if self.state.state == EXPIRED:
+            raise StateConflict(f"memory {self.state.cube_id} expired under its retention rule; "
+                                f"it cannot be changed (you tried to {action} it)")
+        if self.state.tier == COLD_ARCHIVE:
+            raise StateConflict(f"memory {self.state.cube_id} is in the cold archive; recall it "
+                                f"before you {action} it")

@@ -42,10 +42,18 @@ ACTIONS = {
     "subject.request_erasure": "ask for a data subject's erasure",
     "subject.erase": "erase a data subject (crypto-shredding)",
     "retention.manage": "run retention, place and release legal holds",
+    "retention.read": "see the retention rules, the retention report and the legal holds",
+    "memory.recall": "read back a cold-archived memory (recorded; it returns to the working tier)",
+    "artifact.convert": "distil memories into a LoRA adapter or KV cache; fall back to plaintext",
+    "artifact.load": "load an adapter or KV cache into a model (also needs read_content on every "
+                     "source)",
+    "lineage.read": "see what an artifact is made of and what was made from a memory (no content)",
     "policy.read": "list the access rules",
     "policy.manage": "add and remove access rules",
     "key.manage": "issue and revoke API keys",
     "platform.operate": "rebuild read models and other whole-platform maintenance",
+    "bundle.export": "export a tenant's memories, with their history, as a signed bundle",
+    "bundle.import": "import a signed bundle's memories into a tenant",
 }
 
 SCOPES = {

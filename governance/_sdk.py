@@ -17,6 +17,7 @@ before returning, so the next read sees the write.
 from __future__ import annotations
 
 import difflib
+import os
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -28,14 +29,44 @@ from eventstore import (
     EventContext,
     EventStore,
     NewEvent,
+    StoredEvent,
+    StreamAppend,
     VerificationReport,
+    utcnow,
 )
+from governance import _erasure, _holds, _lineage, _retention
 from governance._access import AccessRecorder
 from governance._config import Settings
-from governance._errors import InvalidCommand, NotFound, VersionConflict, VersionNotFound
-from governance._memcube import Limits, MemCube, MemoryMetadata, validate_cube_id
+from governance._conversion import Selection
+from governance._erasure import ErasureReport
+from governance._errors import (
+    ContentErased,
+    InvalidCommand,
+    NotFound,
+    VersionConflict,
+    VersionNotFound,
+)
+from governance._holds import Hold
+from governance._keyvault import KeyVault, load_master_key
+from governance._memcube import (
+    Limits,
+    MemCube,
+    MemoryMetadata,
+    new_memory_id,
+    validate_cube_id,
+)
+from governance._pii import PiiPolicy
 from governance._policy import AccessPolicy, PolicyRule
 from governance._principal import PLATFORM, Principal, Resource, validate_tenant
+from governance._retention import RetentionPolicy, SweepReport
+from governance._search import (
+    MemorySearch,
+    SearchFilters,
+    SearchResult,
+    searchable_tenants,
+    sensitive_data_masker,
+)
+from governance._sensitive import ContentCodec, SensitiveData
 from projections import (
     AuditEntry,
     AuditFilter,
@@ -50,6 +81,9 @@ from projections import (
     evolve,
     tenant_as_of,
 )
+from projections._kafka_projector import KafkaFedRunner
+from projections._lineage import ArtifactRecord
+from projections._sensitive import ErasureRecord, FindingRecord
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,17 +117,28 @@ class _Backend:
 
     def __init__(self, settings: Settings, *, project_synchronously: bool = True):
         self.settings = settings
-        self.store = EventStore.open(settings.db_url)
-        self.runner = ProjectionRunner(self.store)
+        # Memory text is sealed in the log under per-memory keys (governance._sensitive).
+        self.vault = KeyVault(load_master_key(
+            default_file=os.path.join(settings.data_dir, "master.key")))
+        self.store = EventStore.open(settings.db_url, codec=ContentCodec(self.vault))
+        # Distributed mode: the Kafka-fed projectors write the read models, never the SQL runner.
+        self.runner = (ProjectionRunner(self.store) if project_synchronously
+                       else KafkaFedRunner(self.store))
         self.runner.create_schema()
+        self.runner.catch_up_if_behind()  # e.g. a read model an upgrade added
         self.reads = ReadModels(self.store.engine)
         self.project_synchronously = project_synchronously
         project = self.runner.project_new_events if project_synchronously else None
         self.access = AccessRecorder(self.store, then=project)
         self.policy = AccessPolicy.open(self.store, then=project)
         self.limits = Limits(max_text_bytes=settings.max_text_bytes)
+        self.sensitive = SensitiveData(self.store.engine, PiiPolicy.load(), scan=settings.pii_scan)
+        self.search = MemorySearch(self.store, self.policy, then=project,
+                                   masker=sensitive_data_masker(self.sensitive),
+                                   es_url=settings.es_url)
 
     def close(self) -> None:
+        _lineage.emit_pending_taints_quietly(self)  # whichever command changed a source
         self.access.flush()
         self.store.close()
 
@@ -120,7 +165,8 @@ class MemWarden:
         settings = settings or Settings.from_env()
         if url is not None:
             settings = Settings(**{**_fields(settings), "db_url": url})
-        backend = _Backend(settings)
+        # In the distributed mode the Kafka-fed projectors maintain the read models.
+        backend = _Backend(settings, project_synchronously=settings.kafka_bootstrap is None)
         try:
             if key is not None:
                 from governance._keys import authenticate
@@ -149,6 +195,10 @@ class MemWarden:
     @property
     def actor(self) -> str:
         return self.principal.subject
+
+    @property
+    def settings(self) -> Settings:
+        return self._backend.settings
 
     @property
     def policy(self) -> AccessPolicy:
@@ -202,13 +252,50 @@ class MemWarden:
             metadata: Mapping[str, Any] | None = None, reason: str | None = None,
             cube_id: str | None = None) -> MemoryState:
         validate_tenant(tenant, platform_allowed=False)
-        cube_id = validate_cube_id(cube_id) if cube_id is not None else str(uuid.uuid4())
+        cube_id = validate_cube_id(cube_id) if cube_id is not None else new_memory_id()
         events = MemCube.create(owner=owner, kind=kind, text=text, metadata=metadata,
                                 reason=reason, limits=self._backend.limits)
         labels = MemoryMetadata.parse(metadata or {}).labels
         self.require("memory.create", Resource.new_memory(
             tenant, owner=owner, created_by=self.actor, labels=labels))
         return self._append(cube_id, tenant, None, events, expected_version=0)
+
+    def add_many(self, memories: Sequence[Mapping[str, Any]], *,
+                 tenant: str) -> list[MemoryState]:
+        """Add several memories (imports): each a mapping with ``text``, ``owner`` and optional
+        ``kind``, ``metadata``, ``reason``, ``id``. One transaction, all or none; their texts
+        go to the sensitive data scanner in one batch, much faster than one ``add`` each."""
+        validate_tenant(tenant, platform_allowed=False)
+        backend = self._backend
+        writes: list[tuple[str, list[NewEvent]]] = []
+        for memory in memories:
+            cube_id = (validate_cube_id(memory["id"]) if memory.get("id") is not None
+                       else new_memory_id())
+            metadata = memory.get("metadata")
+            writes.append((cube_id, MemCube.create(
+                owner=memory.get("owner"), kind=memory.get("kind", "plaintext"),
+                text=memory.get("text"), metadata=metadata, reason=memory.get("reason"),
+                limits=backend.limits)))
+            self.require("memory.create", Resource.new_memory(
+                tenant, owner=memory["owner"], created_by=self.actor,
+                labels=MemoryMetadata.parse(metadata or {}).labels))
+        if len({cube_id for cube_id, _ in writes}) != len(writes):
+            raise InvalidCommand("two memories of the batch have the same id")
+        inspected = backend.sensitive.inspect([(1, events) for _, events in writes])
+        context = EventContext(actor=self.actor, tenant=tenant, on_behalf_of=self.on_behalf_of,
+                               correlation_id=str(uuid.uuid4()))
+        project = backend.runner.project_new_events if backend.project_synchronously else None
+        try:
+            stored = self.store.append_many([StreamAppend(cube_id, events, 0, context)
+                                             for (cube_id, _), events in zip(writes, inspected,
+                                                                             strict=True)],
+                                            then=project)
+        except ConcurrencyError as error:
+            raise InvalidCommand(f"a memory with id {error.stream_id!r} already exists") from None
+        states: dict[str, MemoryState] = {}
+        for event in stored:
+            states[event.stream_id] = evolve(states.get(event.stream_id), event)
+        return self.redact(list(states.values()), written=stored)
 
     def update(self, cube_id: str, *, text: str | None = None,
                metadata: Mapping[str, Any] | None = None, expected_version: int | None = None,
@@ -239,13 +326,20 @@ class MemWarden:
         if expected_version is not None and expected_version != cube.version:
             raise VersionConflict(cube_id, expected_version, cube.version)
         return self._append(cube_id, cube.state.tenant, cube.state, decide(cube),
-                            expected_version=cube.version)
+                            expected_version=cube.version,
+                            earlier_texts={v: text for v, (text, _) in cube.contents.items()})
 
     def _append(self, cube_id: str, tenant: str, state: MemoryState | None,
-                events: Sequence[NewEvent], *, expected_version: int) -> MemoryState:
+                events: Sequence[NewEvent], *, expected_version: int,
+                earlier_texts: Mapping[int, str] | None = None) -> MemoryState:
         context = EventContext(actor=self.actor, tenant=tenant, on_behalf_of=self.on_behalf_of,
                                correlation_id=str(uuid.uuid4()))
         backend = self._backend
+        # Scanned before anything is stored: a blocked entity type refuses the whole command.
+        events = backend.sensitive.inspect([(expected_version + 1, events)])[0]
+        if earlier_texts:
+            events = backend.sensitive.carry_forward(cube_id, expected_version + 1, events,
+                                                     earlier_texts)
         project = backend.runner.project_new_events if backend.project_synchronously else None
         try:
             stored = self.store.append(cube_id, events, expected_version=expected_version,
@@ -254,10 +348,11 @@ class MemWarden:
             if expected_version == 0:
                 raise InvalidCommand(f"a memory with id {cube_id!r} already exists") from None
             raise VersionConflict(cube_id, expected_version, error.actual_version) from None
+        _lineage.after_write(backend, stored)
         for event in stored:
             state = evolve(state, event)
         assert state is not None
-        return state
+        return self.redact([state], written=stored)[0]
 
     # -- reads -----------------------------------------------------------------------------
     # Content (text) needs memory.read_content, and memory.read_sensitive too for a memory with a
@@ -266,9 +361,9 @@ class MemWarden:
 
     def get(self, cube_id: str) -> MemoryState:
         """The current state of a memory (deleted ones too: check ``state``). Records the read."""
-        state = self._readable(cube_id)
+        state = _retention.refuse_if_archived(self._readable(cube_id))
         self._record_reads([state])
-        return state
+        return self.redact([state])[0]
 
     def list(self, where: CubeFilter | None = None, *, after: str | None = None,
              limit: int = 100) -> list[MemoryState]:
@@ -277,6 +372,8 @@ class MemWarden:
         where = where or CubeFilter()
         where = replace(where, tenant=self.tenant_scope("memory.read_content", where.tenant,
                                                         items_checked=True))
+        if where.include_archived:  # cold content is read through a recall, by those allowed
+            self.tenant_scope("memory.recall", where.tenant)
         reads, policy = self._backend.reads, self._backend.policy
         page: list[MemoryState] = []
         while len(page) < limit:
@@ -289,7 +386,7 @@ class MemWarden:
             after = batch[-1].cube_id
         page = page[:limit]
         self._record_reads(page)
-        return page
+        return self.redact(page)
 
     def usage(self, cube_id: str) -> Usage:
         self._visible(cube_id, "memory.read_metadata")
@@ -297,16 +394,18 @@ class MemWarden:
 
     def history(self, cube_id: str) -> list[Version]:
         self._visible(cube_id, "memory.history")
-        self._readable(cube_id)
-        return self._backend.reads.versions(cube_id)
+        _retention.refuse_if_archived(self._readable(cube_id))
+        found = self._backend.reads.versions(cube_id)
+        shown = self.redact([v.state for v in found])
+        return [replace(v, state=s) for v, s in zip(found, shown, strict=True)]
 
     def version(self, cube_id: str, number: int) -> Version:
         self._visible(cube_id, "memory.history")
-        self._readable(cube_id)
+        _retention.refuse_if_archived(self._readable(cube_id))
         found = self._backend.reads.version(cube_id, number)
         if found is None:
             raise VersionNotFound(f"memory {cube_id} has no version {number}")
-        return found
+        return replace(found, state=self.redact([found.state])[0])
 
     def diff(self, cube_id: str, from_version: int, to_version: int) -> Diff:
         return diff_states(self.version(cube_id, from_version).state,
@@ -314,8 +413,9 @@ class MemWarden:
 
     def as_of(self, cube_id: str, *, position: int | None = None,
               at: datetime | None = None) -> MemoryState:
-        """The memory as it was at a log position or a moment (replayed from the log)."""
-        self._readable(cube_id)
+        """The memory as it was at a log position or a moment (replayed from the log); not while
+        it is in the cold archive (recall it first)."""
+        _retention.refuse_if_archived(self._readable(cube_id))
         try:
             state = cube_as_of(self.store, cube_id, position=position, at=at)
         except ValueError as error:
@@ -325,21 +425,27 @@ class MemWarden:
             raise NotFound(f"memory {cube_id} did not exist yet at {when}")
         # Labels change over time: what it was then must be readable as well as what it is now.
         self.require("memory.read_content", Resource.of_memory(state))
-        return state
+        if state.content_erased:
+            raise ContentErased(f"memory {cube_id}'s content as of then was erased "
+                                "(crypto-shredded) and can never be read again")
+        return self.redact([state])[0]
 
     def tenant_as_of(self, tenant: str, *, position: int | None = None,
                      at: datetime | None = None) -> dict[str, MemoryState]:
-        """Every memory of ``tenant`` then that the principal may read."""
+        """Every memory of ``tenant`` then that the principal may read, less those now in the
+        cold archive (read through a recall only)."""
         self.require("memory.read_content", Resource.of_tenant(
             validate_tenant(tenant, platform_allowed=False)))
         try:
             states = tenant_as_of(self.store, tenant, position=position, at=at)
         except ValueError as error:
             raise InvalidCommand(str(error)) from None
+        archived = _retention.archived_in(self, tenant)
         allowed = {r.id for r in self._backend.policy.permitted(
             self.principal, "memory.read_content",
-            [Resource.of_memory(s) for s in states.values()])}
-        return {cube_id: s for cube_id, s in states.items() if cube_id in allowed}
+            [Resource.of_memory(s) for s in states.values()])} - archived
+        shown = self.redact([s for cube_id, s in states.items() if cube_id in allowed])
+        return {s.cube_id: s for s in shown}
 
     def audit(self, where: AuditFilter | None = None, *, after: int = 0, limit: int = 100,
               newest_first: bool = False) -> list[AuditEntry]:
@@ -369,6 +475,95 @@ class MemWarden:
         self.require("platform.operate", Resource.of_tenant(PLATFORM))
         return self.projector.checkpoints()
 
+    # -- retention and legal holds (governance._retention, governance._holds) ---------------
+
+    def retention_rules(self) -> RetentionPolicy:
+        """The retention rules in force ($MEMWARDEN_RETENTION_POLICY, default
+        policies/retention.yaml), validated."""
+        self.tenant_scope("retention.read", None)
+        return _retention.load_policy(self)
+
+    def run_retention(self, *, dry_run: bool = False, tenant: str | None = None,
+                      at: datetime | None = None,
+                      on_progress: _retention.ProgressCallback | None = None) -> SweepReport:
+        """One retention sweep now (every tenant, for a platform principal). ``at`` asks what a
+        sweep at another moment would do: dry runs only."""
+        if at is not None and not dry_run:
+            raise InvalidCommand("a sweep at another moment than now can only be a dry run")
+        clock = (lambda: at) if at is not None else utcnow
+        return _retention.RetentionWorker(self, clock=clock).run(
+            dry_run=dry_run, tenant=tenant, on_progress=on_progress)
+
+    def retention_report(self, *, days: int = 30,
+                         tenant: str | None = None) -> _retention.RetentionReport:
+        return _retention.retention_report(self, days=days, tenant=tenant)
+
+    def holds(self, *, tenant: str | None = None, include_released: bool = False) -> list[Hold]:
+        return _holds.list_holds(self, tenant=tenant, include_released=include_released)
+
+    def place_hold(self, *, reason: str, case_id: str, memory: str | None = None,
+                   owner: str | None = None, tenant: str | None = None) -> Hold:
+        """Hold a memory, an owner's memories in a tenant, or a whole tenant (an event)."""
+        return _holds.place_hold(self, reason=reason, case_id=case_id, memory=memory,
+                                 owner=owner, tenant=tenant)
+
+    def release_hold(self, hold_id: str, *, reason: str) -> Hold:
+        return _holds.release_hold(self, hold_id, reason=reason)
+
+    def recall(self, cube_id: str, *, reason: str) -> _retention.Recalled:
+        """Read a cold-archived memory back (a MemoryRecalled event); it returns to working."""
+        return _retention.recall(self, cube_id, reason=reason)
+
+    # -- parametric and activation memory (governance._parametric, _activation, _lineage) ---
+    # torch loads in seconds: the modules that use it are imported only when called.
+
+    def lineage(self, memory_or_artifact_id: str) -> _lineage.Lineage:
+        """Which artifacts hold knowledge from a memory, or what an artifact is made of."""
+        return _lineage.lineage(self, memory_or_artifact_id)
+
+    def artifacts(self, *, tenant: str | None = None) -> list[ArtifactRecord]:
+        """Adapters and KV caches, newest first, with their sources and taints."""
+        return _lineage.artifacts(self, tenant=tenant)
+
+    def conversion_plan(self, *, tenant: str, owner: str | None = None) -> Selection:
+        """What a conversion would distil now, and why everything else is left out."""
+        from governance._parametric import plan
+
+        return plan(self, tenant=tenant, owner=owner)
+
+    def convert_parametric(self, *, tenant: str, owner: str | None = None,
+                           cube_id: str | None = None, reason: str | None = None,
+                           on_step: Callable[[int, int, float], None] | None = None) -> Any:
+        """Train a LoRA adapter on the selected memories: a ``ParametricResult``."""
+        from governance._parametric import convert_parametric
+
+        return convert_parametric(self, tenant=tenant, owner=owner, cube_id=cube_id,
+                                  reason=reason, on_step=on_step)
+
+    def convert_activation(self, *, tenant: str, owner: str | None = None,
+                           cube_id: str | None = None, reason: str | None = None) -> Any:
+        """Precompute the KV cache of the selected memories: an ``ActivationResult``."""
+        from governance._activation import convert_activation
+
+        return convert_activation(self, tenant=tenant, owner=owner, cube_id=cube_id,
+                                  reason=reason)
+
+    def restore_plaintext(self, artifact: str, *, reason: str | None = None) -> _lineage.Fallback:
+        """Retire an adapter or cache: its sources' current plaintext serves instead."""
+        return _lineage.restore_plaintext(self, artifact, reason=reason)
+
+    def load_adapter(self, artifact: str) -> Any:
+        """The base model with an untainted adapter applied: a ``LoadedAdapter``."""
+        from governance._parametric import load_adapter
+
+        return load_adapter(self, artifact)
+
+    def load_activation(self, artifact: str) -> Any:
+        """An untainted KV cache, ready to start generations from: a ``LoadedActivation``."""
+        from governance._activation import load_activation
+
+        return load_activation(self, artifact)
+
     # -- the access policy -----------------------------------------------------------------
 
     def policy_rules(self) -> list[PolicyRule]:
@@ -391,6 +586,69 @@ class MemWarden:
 
     def flush_reads(self) -> int:
         return self._backend.access.flush()
+
+    def search(self, query: str, *, k: int = 10, mode: str = "bm25", tenant: str | None = None,
+               kind: str | None = None, semantic_type: str | None = None,
+               labels: Sequence[str] = (), owner: str | None = None,
+               since: datetime | None = None, until: datetime | None = None) -> list[SearchResult]:
+        """The ``k`` memories best matching ``query`` among those the principal may read
+        (mode ``bm25``, ``semantic`` or ``hybrid``; see ``governance._search``). Audited."""
+        tenant = self.tenant_scope("memory.read_content", tenant, items_checked=True)
+        search = self._backend.search
+        filters = SearchFilters(tenant, kind, semantic_type, tuple(labels), owner, since, until)
+        return search.search(self.principal, query, k=k, mode=mode, filters=filters,
+                             tenants=searchable_tenants(search, self.principal, tenant),
+                             on_behalf_of=self.on_behalf_of)
+
+    # -- sensitive data and data subjects (governance._sensitive, governance._erasure) -------
+
+    def redact(self, states: Sequence[MemoryState], *,
+               written: Sequence[StoredEvent] = ()) -> list[MemoryState]:
+        """``states`` as this principal may see them: personal data the policy masks is shown as
+        ``<ENTITY_TYPE>`` in the text of memories it lacks ``memory.read_sensitive`` on. Every
+        read surface applies it; use it on any text drawn from the read models. ``written``:
+        the events a command just stored (their findings need no query)."""
+        return self._backend.sensitive.masked(states, self._may_read_sensitive, written=written)
+
+    def _may_read_sensitive(self, states: Sequence[MemoryState]) -> set[str]:
+        return {r.id for r in self._backend.policy.permitted(
+            self.principal, "memory.read_sensitive", [Resource.of_memory(s) for s in states])}
+
+    def findings(self, *, tenant: str | None = None, cube_id: str | None = None,
+                 after: int = 0, limit: int = 100) -> list[FindingRecord]:
+        """Sensitive data found on write (entity types, offsets, scores; never the values)."""
+        return _erasure.findings(self, tenant=tenant, cube_id=cube_id, after=after, limit=limit)
+
+    def erasures(self, *, tenant: str | None = None, after: int = 0,
+                 limit: int = 100) -> list[ErasureRecord]:
+        """Subject erasures and memory content erasures, oldest first."""
+        return _erasure.erasures(self, tenant=tenant, after=after, limit=limit)
+
+    def erase_subject(self, subject: str, *, tenant: str, reason: str) -> ErasureReport:
+        """Crypto-shred everything ``subject`` owns in ``tenant`` (GDPR Art. 17)."""
+        return _erasure.erase_subject(self, subject, tenant=tenant, reason=reason)
+
+    def erase_memory_content(self, cube_id: str, *, reason: str, rule: str | None = None,
+                             scrub: bool = True) -> MemoryState:
+        """Crypto-shred one memory's text, every version of it (retention's erase-after).
+        Erasing many: pass ``scrub=False`` to each, then call ``scrub_erased()`` once (on
+        PostgreSQL a scrub rewrites the read-model tables)."""
+        return _erasure.erase_memory_content(self, cube_id, reason=reason, rule=rule,
+                                             scrub=scrub)
+
+    def scrub_erased(self) -> bool:
+        """Push erased keys and text out of the database files now (see ``governance._erasure``);
+        False if SQLite could not finish (a long reader): the next checkpoint does it."""
+        return _erasure.scrub_erased(self)
+
+    def export_subject(self, subject: str, *, tenant: str) -> dict[str, Any]:
+        """Everything held about ``subject`` in ``tenant``, as JSON-ready data (GDPR Art. 15/20);
+        masked per this principal's rights. Recorded as a MemoryExported event."""
+        return _erasure.export_subject(self, subject, tenant=tenant)
+
+    @property
+    def backend(self) -> _Backend:
+        return self._backend
 
     def _readable(self, cube_id: str) -> MemoryState:
         """The memory's current state, if the principal may read its content."""
@@ -430,6 +688,7 @@ def state_as_dict(state: MemoryState, *, with_text: bool = True) -> dict[str, An
         "kind": state.kind,
         "version": state.version,
         "state": state.state,
+        "tier": state.tier,
         "metadata": dict(state.metadata),
         "created_at": state.created_at.isoformat(),
         "created_by": state.created_by,

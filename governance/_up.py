@@ -2,7 +2,11 @@
 
 The REST API (uvicorn) serves from the main thread. A background thread, every second, applies
 whatever the read models have not seen yet (events appended by another process, such as the CLI)
-and appends the batched read records. SIGINT or SIGTERM stops it gracefully: the server stops
+and appends the batched read records; another runs a retention sweep every
+``$MEMWARDEN_RETENTION_INTERVAL`` seconds (``governance._retention``). In the distributed mode
+(``MEMWARDEN_KAFKA_BOOTSTRAP``) it runs the API and the relay only: projectors and workers are
+processes of their own (``memwarden project --source kafka``, ``memwarden work``). SIGINT or
+SIGTERM stops it gracefully: the server stops
 accepting connections and lets in-flight requests finish (a write is committed before it is
 acknowledged, so no acknowledged event can be lost), then the background work runs one last time.
 
@@ -26,7 +30,10 @@ from types import FrameType
 import uvicorn
 
 from governance._api import create_app
+from governance._dashboard import Dashboard, DashboardError, start_dashboard
 from governance._keys import ALL_TENANTS, ApiKeys
+from governance._lineage import emit_pending_taints
+from governance._relay import RelayThread, kafka_settings, open_relay
 from governance._sdk import MemWarden
 
 ADMIN_KEY_FILE = "admin.key"
@@ -85,9 +92,31 @@ class _Every(threading.Thread):
         self.join()
 
 
+def _retention_sweep(memwarden: MemWarden) -> None:
+    """One retention sweep ($MEMWARDEN_RETENTION_INTERVAL apart), logged with its counts."""
+    report = memwarden.run_retention()
+    logger.info("retention sweep: examined %d, %d events, %s", report.examined, report.events,
+                dict(report.counts))
+
+
+def _start_conversions(memwarden: MemWarden) -> _Every | None:
+    """The conversion worker, when policies/conversion.yaml schedules any scope."""
+    from governance._conversion import ConversionPolicy
+    from governance._conversion_worker import run_conversions
+
+    policy = ConversionPolicy.load()
+    if not policy.worker.scopes:
+        return None
+    worker = _Every(policy.worker.interval_seconds, lambda: run_conversions(memwarden))
+    worker.start()
+    return worker
+
+
 def _background_work(memwarden: MemWarden) -> None:
-    memwarden.projector.catch_up()
+    if memwarden.settings.kafka_bootstrap is None:  # distributed: Kafka-fed projectors do it
+        memwarden.projector.catch_up()
     memwarden.flush_reads()
+    emit_pending_taints(memwarden._backend)  # e.g. a source another process changed
 
 
 @contextmanager
@@ -111,9 +140,10 @@ def _stopping_on_signals(server: uvicorn.Server) -> Iterator[None]:
 
 
 def run_stack(memwarden: MemWarden, *, host: str, port: int, data_dir: Path,
-              echo: Callable[[str], None] = print) -> None:
-    """Serve until SIGINT or SIGTERM; ``memwarden`` stays open (its owner closes it)."""
-    memwarden.projector.catch_up()
+              echo: Callable[[str], None] = print, dashboard: bool = True) -> None:
+    """Serve until SIGINT or SIGTERM; ``memwarden`` stays open (its owner closes it). With
+    ``dashboard``, the compliance dashboard runs beside the API, on the same host."""
+    _background_work(memwarden)
     admin = ensure_admin_key(memwarden, data_dir)
     config = uvicorn.Config(create_app(memwarden), host=host, port=port, ws="none",
                             log_level="info", timeout_graceful_shutdown=30)
@@ -122,18 +152,58 @@ def run_stack(memwarden: MemWarden, *, host: str, port: int, data_dir: Path,
         # Bound here, before anything is printed: a busy port fails at once, and port 0 gets a
         # free one whose number the banner can show.
         sock = config.bind_socket()
+        # Listening at once: a client that reads the banner while the app is still starting
+        # waits in the backlog instead of being refused.
+        sock.listen(config.backlog)
         _no_delay(sock)
         base = f"http://{_url_host(host)}:{sock.getsockname()[1]}"
-        echo(_banner(base, memwarden, admin))
+        board, board_line = _start_dashboard(memwarden, host) if dashboard else (None, None)
+        echo(_banner(base, memwarden, admin, board_line))
         background = _Every(BACKGROUND_INTERVAL_SECONDS, lambda: _background_work(memwarden))
         background.start()
+        # In the distributed mode the workers run as their own processes (memwarden work).
+        embedded = memwarden.settings.kafka_bootstrap is None
+        retention = _Every(memwarden.settings.retention_interval,
+                           lambda: _retention_sweep(memwarden)) if embedded else None
+        if retention is not None:
+            retention.start()
+        conversions = _start_conversions(memwarden) if embedded else None
+        relay = _start_relay(memwarden)
         try:
             server.run(sockets=[sock])
         finally:
+            if retention is not None:
+                retention.stop()
+            if conversions is not None:
+                conversions.stop()
             background.stop()
             _background_work(memwarden)
+            if relay is not None:
+                relay.stop()
+            if board is not None:
+                board.stop()
             sock.close()
     echo("MemWarden stopped; every acknowledged write is in the log.")
+
+
+def _start_relay(memwarden: MemWarden) -> RelayThread | None:
+    """In the distributed mode, the relay publishing the log to Kafka beside the API."""
+    if memwarden.settings.kafka_bootstrap is None:
+        return None
+    relay = RelayThread(open_relay(memwarden, kafka_settings(memwarden.settings)))
+    relay.start()
+    return relay
+
+
+def _start_dashboard(memwarden: MemWarden, host: str) -> tuple[Dashboard | None, str]:
+    """The dashboard process, and its banner line (why it did not start, if it did not)."""
+    port = memwarden.settings.dashboard_port
+    try:
+        board = start_dashboard(db_url=memwarden.store.engine.url.render_as_string(
+            hide_password=False), host=host, port=port, wait=False)
+    except (DashboardError, OSError) as error:
+        return None, f"not started: {error}"
+    return board, f"{board.url}  (sign in with an API key)"
 
 
 def _no_delay(sock: socket.socket) -> None:
@@ -151,12 +221,14 @@ def _url_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
-def _banner(base: str, memwarden: MemWarden, admin: AdminKey) -> str:
+def _banner(base: str, memwarden: MemWarden, admin: AdminKey,
+            dashboard: str | None = None) -> str:
     database = memwarden.store.engine.url.render_as_string(hide_password=True)
     lines = [
         "MemWarden is up",
         f"  API        {base}/v1",
         f"  docs       {base}/docs",
+        *([f"  dashboard  {dashboard}"] if dashboard else []),
         f"  database   {database}",
     ]
     if admin.secret is not None:

@@ -17,6 +17,10 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+pytest_plugins = ["kafka_fixtures", "retention_fixtures"]
+"""Fixtures of a few test modules each, written once (plugins, since test modules must not
+import each other)."""
+
 PG_URL = os.environ.get("MEMWARDEN_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 BACKENDS = ("sqlite", "postgresql")
 _URL_FIXTURES = {"sqlite": "sqlite_url", "postgresql": "postgres_url"}

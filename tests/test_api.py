@@ -382,6 +382,11 @@ def test_the_openapi_document_lists_every_route_and_docs_are_served(client: Test
         "POST /v1/memories/{cube_id}/rollback", "GET /v1/audit", "GET /v1/verify",
         "POST /v1/keys", "GET /v1/keys", "DELETE /v1/keys/{key_id}", "GET /v1/healthz",
         "GET /v1/readyz", "GET /v1/policies", "POST /v1/policies", "DELETE /v1/policies",
+        "GET /v1/subjects/{subject}/export", "POST /v1/subjects/{subject}/erase",
+        "POST /v1/memories/{cube_id}/erase", "GET /v1/findings", "GET /v1/erasures",
+        "POST /v1/search", "GET /v1/holds", "POST /v1/holds", "DELETE /v1/holds/{hold_id}",
+        "POST /v1/retention/run", "GET /v1/retention/report", "GET /v1/retention/rules",
+        "POST /v1/memories/{cube_id}/recall", "GET /v1/lineage/{ident}", "GET /v1/artifacts",
     }
     conflict = spec["paths"]["/v1/memories/{cube_id}"]["patch"]["responses"]["409"]
     assert list(conflict["content"]) == [PROBLEM_JSON]

@@ -35,6 +35,7 @@ import httpx
 import pytest
 
 from governance import ApiKeys, MemWarden
+from governance._config import Settings
 
 CLIENTS = 8
 REQUESTS = {"sqlite": 16_000, "postgresql": 4_000}
@@ -76,7 +77,8 @@ def uvicorn_process(database_url: str, workdir: Path) -> Iterator[str]:
     then SIGTERM: it must stop gracefully. Yields the base URL."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MEMWARDEN_")}
     env.update(MEMWARDEN_DB_URL=database_url, MEMWARDEN_DATA_DIR=str(workdir / "data"),
-               MEMWARDEN_KEY_FILE=str(workdir / "data" / "master.key"))
+               MEMWARDEN_KEY_FILE=str(workdir / "data" / "master.key"),
+               MEMWARDEN_PII_SCAN="0")  # a load test, not about personal data (~20 ms a scan)
     log = workdir / "uvicorn.log"
     with log.open("wb") as out:
         process = subprocess.Popen(
@@ -118,8 +120,10 @@ def _tail(log: Path, lines: int = 60) -> str:
 
 
 @pytest.fixture
-def memwarden(database_url: str) -> Iterator[MemWarden]:
-    with MemWarden.open(database_url, actor="test:setup") as handle:
+def memwarden(database_url: str, tmp_path: Path) -> Iterator[MemWarden]:
+    """A handle on the server's database with the server's master key (its data folder)."""
+    settings = Settings(db_url=database_url, data_dir=str(tmp_path / "data"))
+    with MemWarden.open(actor="test:setup", settings=settings) as handle:
         yield handle
 
 

@@ -4,6 +4,10 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -15,6 +19,7 @@ from click.testing import CliRunner, Result
 from log_tampering import overwrite_column
 from sqlalchemy import create_engine
 
+import governance._cli_kafka as work_module
 from governance import ENVIRONMENT_VARIABLES
 from governance._cli import cli
 
@@ -283,11 +288,11 @@ def audited(memwarden: Memwarden, seat: str) -> str:
 
 
 def audit_positions(memwarden: Memwarden, *filters: str) -> list[int]:
-    return [e["position"] for e in memwarden.json("audit", *filters)["items"]]
+    return [e["position"] for e in memwarden.json("audit", "--limit", "1000", *filters)["items"]]
 
 
 def test_audit_shows_who_did_what(memwarden: Memwarden, audited: str) -> None:
-    shown = memwarden("audit").stdout
+    shown = memwarden("audit", "--limit", "1000").stdout  # past the seeded access rules
 
     for expected in ("MemoryCreated", "MemoryUpdated", "MemoryDeleted", "MemoryAccessed",
                      "officer:jane", "auditor:kim", "subject asked"):
@@ -296,7 +301,7 @@ def test_audit_shows_who_did_what(memwarden: Memwarden, audited: str) -> None:
 
 
 def test_audit_as_json_with_filters(memwarden: Memwarden, start: int, audited: str) -> None:
-    everything = memwarden.json("audit")["items"]
+    everything = memwarden.json("audit", "--limit", "1000")["items"]
 
     assert [e["position"] for e in everything] == list(range(1, start + 6))
     assert {e["type"] for e in everything[:start]} <= {"PolicyRuleAdded"}
@@ -310,7 +315,8 @@ def test_audit_as_json_with_filters(memwarden: Memwarden, start: int, audited: s
 
 
 def test_audit_filters_by_time(memwarden: Memwarden, start: int, audited: str) -> None:
-    last = datetime.fromisoformat(memwarden.json("audit")["items"][-1]["recorded_at"])
+    last = datetime.fromisoformat(
+        memwarden.json("audit", "--limit", "1000")["items"][-1]["recorded_at"])
     later = (last + timedelta(seconds=1)).isoformat()
 
     assert audit_positions(memwarden, "--since", later) == []
@@ -472,3 +478,53 @@ def test_a_failed_command_writes_nothing(memwarden: Memwarden, start: int, seat:
     memwarden.fails("update", seat, "--text", "x", "--expected-version", "1", code=CONFLICT)
 
     assert memwarden.json("verify")["head_position"] == start + 2
+
+
+def test_work_runs_each_worker_on_its_own_schedule(memwarden: Memwarden,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """A conversion pass that takes long (a LoRA training) does not hold up retention sweeps.
+
+    The conversion pass is a stand-in that waits to be released: a real training long enough
+    to show this would cost the suite minutes. The sweeps are real."""
+    sweeps: list[Any] = []
+    conversion_running = threading.Event()
+    release = threading.Event()
+    real_pass = work_module._work_once
+
+    def work_once(mw: Any, name: str) -> Any:
+        if name == "conversion":
+            conversion_running.set()
+            release.wait(120)
+            return []
+        result = real_pass(mw, name)
+        sweeps.append(result)
+        return result
+
+    monkeypatch.setattr(work_module, "_work_once", work_once)
+    sweeps_during_conversion: list[int] = []
+
+    def stop_once_sweeps_went_on() -> None:
+        conversion_running.wait(60)
+        deadline = time.monotonic() + 60
+        while len(sweeps) < 3 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        sweeps_during_conversion.append(len(sweeps))
+        release.set()
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl+C: `work` ends its passes and exits
+
+    stopper = threading.Thread(target=stop_once_sweeps_went_on)
+    stopper.start()
+    result = memwarden("work", "--every", "1")
+    stopper.join()
+    assert sweeps_during_conversion[0] >= 3, result.stderr
+    assert "retention sweep examined" in result.stderr
+
+
+def test_what_users_wrote_prints_as_written(memwarden: Memwarden) -> None:
+    """Square brackets in a memory are text, not terminal markup: a governance tool must never
+    show a memory other than it is stored."""
+    written = "[note] call [bold]Ana[/bold] back"
+    add(memwarden, "bracketed", written)
+    assert written in memwarden("list").stdout
+    assert written in memwarden("get", "bracketed").stdout
+    assert "no memory with id '[x]'" in memwarden.fails("get", "[x]", code=NOT_FOUND)

@@ -8,6 +8,7 @@ by upcasting on read.
 from __future__ import annotations
 
 import gc
+import hashlib
 import multiprocessing
 import threading
 import time
@@ -19,6 +20,8 @@ from datetime import UTC, datetime, timedelta, timezone
 from typing import Any, Protocol
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from log_tampering import delete_event, overwrite_column
 from sqlalchemy import create_engine, text
 from sqlalchemy import exc as sa_exc
@@ -36,7 +39,9 @@ from eventstore import (
     StreamAppend,
     UpcastError,
     Upcasters,
+    canonical_json,
 )
+from eventstore._envelope import event_hash
 
 CONTEXT = EventContext(actor="agent:test", tenant="acme")
 
@@ -103,6 +108,18 @@ def test_each_event_chains_the_hash_of_the_one_before(store: EventStore) -> None
     assert positions(log) == [1, 2, 3]
     assert [e.prev_hash for e in log] == [GENESIS_HASH, log[0].hash, log[1].hash]
     assert len({e.hash for e in log}) == 3
+
+
+def test_new_event_ids_are_uuids_in_the_order_they_were_made() -> None:
+    """Version 7 (RFC 9562): an id made a millisecond later sorts after, so new events land at
+    the end of the unique index on event_id rather than on a random page of it."""
+    first = note().event_id
+    time.sleep(0.002)
+    later = [note().event_id for _ in range(1000)]
+    assert {(i.version, i.variant) for i in [first, *later]} == {(7, uuid.RFC_4122)}
+    assert all(str(first) < str(i) for i in later)
+    assert len(set(later)) == len(later)
+    assert abs((first.int >> 80) - time.time() * 1000) < 60_000  # Unix time in milliseconds
 
 
 def test_recorded_at_never_goes_backwards(store: EventStore) -> None:
@@ -277,6 +294,37 @@ def test_postgres_rejects_truncate_of_the_events_table(postgres_url: str) -> Non
         assert store.head_position() == 1
     finally:
         store.close()
+
+
+def test_an_append_only_trigger_of_another_body_is_replaced_when_the_store_opens(
+        database_url: str) -> None:
+    """A database whose triggers an older release (or a hand) left permissive gets the current
+    ones at the next open: a change to the triggers reaches existing databases."""
+    store = EventStore.open(database_url)
+    store.append("notes", [note()], expected_version=0, context=CONTEXT)
+    with store.engine.begin() as conn:
+        if store.dialect.name == "sqlite":
+            conn.exec_driver_sql("DROP TRIGGER events_no_update")
+            conn.exec_driver_sql("CREATE TRIGGER events_no_update BEFORE UPDATE ON events "
+                                 "BEGIN SELECT 1; END")
+        else:
+            conn.exec_driver_sql(
+                "CREATE OR REPLACE FUNCTION memwarden_events_append_only() RETURNS trigger "
+                "LANGUAGE plpgsql AS $$ BEGIN RETURN NEW; END $$")
+            conn.exec_driver_sql("COMMENT ON FUNCTION memwarden_events_append_only() IS NULL")
+    store.close()
+    with store.engine.begin() as conn:  # (the old body lets an update through)
+        conn.exec_driver_sql("UPDATE events SET actor = actor")
+    store.engine.dispose()
+
+    reopened = EventStore.open(database_url)
+    try:
+        with pytest.raises(sa_exc.DBAPIError, match="append-only"), \
+                reopened.engine.begin() as conn:
+            conn.execute(text("UPDATE events SET actor = 'mallory'"))
+        assert reopened.verify().ok
+    finally:
+        reopened.close()
 
 
 # -- the hash chain -----------------------------------------------------------------------
@@ -649,3 +697,42 @@ def _wait_until_blocked_by(url: str, blocker_pid: int) -> None:
         raise AssertionError("the second store never waited for the first one's schema set-up")
     finally:
         watcher.dispose()
+
+
+_TEXTS = st.one_of(st.none(), st.text(max_size=30))
+
+
+@given(position=st.integers(min_value=0, max_value=2**63 - 1),
+       stream_version=st.integers(min_value=1, max_value=2**31),
+       schema_version=st.integers(min_value=1, max_value=5),
+       stream_id=st.text(min_size=1, max_size=30), type_=st.text(min_size=1, max_size=20),
+       tenant=_TEXTS, actor=st.text(min_size=1, max_size=20), on_behalf_of=_TEXTS,
+       correlation_id=_TEXTS, causation_id=_TEXTS, payload=st.dictionaries(
+           st.text(max_size=8), st.one_of(st.none(), st.integers(), st.text(max_size=20))),
+       offset_minutes=st.integers(min_value=-600, max_value=600))
+@settings(max_examples=300, deadline=None)
+def test_the_hash_is_over_the_canonical_json_of_the_envelope(
+        position: int, stream_version: int, schema_version: int, stream_id: str, type_: str,
+        tenant: str | None, actor: str, on_behalf_of: str | None, correlation_id: str | None,
+        causation_id: str | None, payload: dict[str, Any], offset_minutes: int) -> None:
+    """The append path writes the hashed JSON by hand, without the dictionary: it must be the
+    canonical JSON of that dictionary (what DESIGN §2 specifies and any verifier recomputes)."""
+    event_id = uuid.uuid4()
+    occurred_at = datetime.now(timezone(timedelta(minutes=offset_minutes)))
+    recorded_at = datetime.now(UTC)
+    payload_json = canonical_json(payload)
+    envelope = {
+        "position": position, "event_id": str(event_id), "stream_id": stream_id,
+        "stream_version": stream_version, "type": type_, "schema_version": schema_version,
+        "occurred_at": occurred_at.astimezone(UTC).isoformat(timespec="microseconds"),
+        "recorded_at": recorded_at.isoformat(timespec="microseconds"), "tenant": tenant,
+        "actor": actor, "on_behalf_of": on_behalf_of, "correlation_id": correlation_id,
+        "causation_id": causation_id, "payload": payload_json, "prev_hash": GENESIS_HASH,
+    }
+    expected = hashlib.sha256(canonical_json(envelope).encode()).hexdigest()
+    assert event_hash(
+        position=position, event_id=event_id, stream_id=stream_id,
+        stream_version=stream_version, type=type_, schema_version=schema_version,
+        occurred_at=occurred_at, recorded_at=recorded_at, tenant=tenant, actor=actor,
+        on_behalf_of=on_behalf_of, correlation_id=correlation_id, causation_id=causation_id,
+        payload_json=payload_json, prev_hash=GENESIS_HASH) == expected

@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from sqlalchemy import text
 
 from eventstore import StoredEvent, canonical_json
 from governance import (
@@ -65,6 +66,26 @@ def memory_events(mw: MemWarden, event_type: str) -> list[StoredEvent]:
 
 
 # -- add and get ------------------------------------------------------------------------------
+
+
+def test_a_read_model_an_upgrade_adds_is_caught_up_when_the_database_opens(
+        open_handle: Callable[..., MemWarden]) -> None:
+    """An upgrade that adds a read model finds a log it has never seen: its checkpoint starts at
+    0. Opening must catch it up, or no later write would be projected in its own transaction
+    (they are only while every read model is caught up) and none could be read back."""
+    first = open_handle()
+    before = add(first)
+    first.close()
+    with first.store.engine.begin() as conn:  # the read model as a new release finds it
+        conn.execute(text("DELETE FROM usage"))
+        conn.execute(text("UPDATE projection_checkpoints SET position = 0 WHERE name = 'usage'"))
+
+    mw = open_handle()
+    after = add(mw, "Ana now prefers window seats")
+
+    assert mw.get(after.cube_id).text == "Ana now prefers window seats"
+    assert set(mw.projector.checkpoints().values()) == {mw.store.head_position()}
+    assert mw.get(before.cube_id).cube_id == before.cube_id
 
 
 def test_an_added_memory_can_be_read_back(mw: MemWarden) -> None:

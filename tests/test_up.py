@@ -24,7 +24,7 @@ import httpx
 import pytest
 
 from eventstore import EventContext, EventStore
-from governance import ENVIRONMENT_VARIABLES, MemWarden
+from governance import ENVIRONMENT_VARIABLES, MemWarden, Settings
 from governance._memcube import Limits, MemCube
 
 START_TIMEOUT_SECONDS = 60
@@ -124,13 +124,20 @@ class Operator:
     def data_dir(self) -> Path:
         return self.tmp_path / "data"
 
+    def observer(self) -> MemWarden:
+        """A handle on the same database and master key file as the processes started."""
+        return MemWarden.open(actor="test:observer", settings=Settings(
+            db_url=self.db_url, data_dir=str(self.data_dir)))
+
     def start(self, name: str) -> Up:
         port = _free_port()
         env = {k: v for k, v in os.environ.items() if k not in ENVIRONMENT_VARIABLES}
         env.update(MEMWARDEN_DB_URL=self.db_url, MEMWARDEN_API_PORT=str(port),
                    MEMWARDEN_DATA_DIR=str(self.data_dir),
                    MEMWARDEN_KEY_FILE=str(self.data_dir / "master.key"),
-                   PYTHONUNBUFFERED="1")
+                   # The process's life, not personal data: no analyzer to load (seconds) before
+                   # the first write can be answered.
+                   MEMWARDEN_PII_SCAN="0", PYTHONUNBUFFERED="1")
         output = self.tmp_path / f"{name}.out"
         with output.open("wb") as out:
             process = subprocess.Popen(
@@ -264,7 +271,7 @@ def test_up_serves_works_in_the_background_and_stops_without_losing_a_write(
             assert created.status_code == 201, created.text
             first = created.json()["id"]
             assert client.get(f"/v1/memories/{first}").json()["version"] == 1
-            with MemWarden.open(operator.db_url, actor="test:observer") as observer:
+            with operator.observer() as observer:
                 _wait_for("the read to be recorded", lambda: any(
                     read["cube_id"] == first
                     for event in observer.store.read_stream(f"reads:{TENANT}")
@@ -325,7 +332,7 @@ def test_up_serves_works_in_the_background_and_stops_without_losing_a_write(
     acknowledged = [*writers.acknowledged,
                     Added(slow.response.json()["id"], slow.response.json()["version"],
                           SlowAdd.TEXT)]
-    with MemWarden.open(operator.db_url, actor="test:observer") as observer:
+    with operator.observer() as observer:
         for added in acknowledged:
             events = observer.store.read_stream(added.cube_id)
             assert [(e.stream_version, e.type) for e in events] == [
