@@ -21,6 +21,11 @@ SECTIONS = (
     "bench.bench_pii",
     "bench.bench_policy",
     "bench.bench_http",
+    "bench.bench_dashboard",
+    "bench.bench_conversion",
+    "bench.bench_retention",
+    "bench.bench_kafka",
+    "bench.bench_search",
 )
 
 FULL_ENV = "MEMWARDEN_BENCH_FULL"
@@ -38,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     names = [_short(section) for section in SECTIONS]
     parser.add_argument("sections", nargs="*", metavar="SECTION",
                         help=f"run only these sections: {', '.join(names)}")
+    parser.add_argument("--modes", metavar="MODE,...",
+                        help="search section: measure only these modes (bm25, semantic, "
+                             "hybrid); or set MEMWARDEN_BENCH_SEARCH_MODES")
     args = parser.parse_args(argv)
+    if args.modes:
+        os.environ["MEMWARDEN_BENCH_SEARCH_MODES"] = args.modes
     unknown = sorted(set(args.sections) - set(names))
     if unknown:
         parser.error(f"unknown section(s) {', '.join(unknown)}; known: {', '.join(names)}")

@@ -78,6 +78,9 @@ class PeerSubject:
     def add(self, i: int) -> Hashable:
         return self._save_new(i, 1)[0]
 
+    def append(self, i: int) -> None:
+        self._save_new(i, 1)  # the peer's full write path is its event log
+
     def update(self, cube_id: Hashable, i: int) -> None:
         memory: Memory = self._app.repository.get(cube_id)
         memory.update(text=f"{memory_text(i)} (revised)", reason="benchmark")
@@ -92,7 +95,7 @@ class PeerSubject:
     def history(self, cube_id: Hashable) -> None:
         self._app.repository.get(cube_id)
 
-    def rebuild(self) -> int:
+    def rebuild(self, core_only: bool = False) -> int:
         """Read every notification a page at a time, decode it and fold it into a dict of
         aggregates: the peer's in-memory equivalent of a projection (it writes no read model)."""
         recorder, mapper = self._app.recorder, self._app.mapper

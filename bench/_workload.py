@@ -42,6 +42,10 @@ class Subject(Protocol):
         """Create memory ``i`` through the full single-command write path."""
         ...
 
+    def append(self, i: int) -> None:
+        """Create memory ``i`` as one event in its own transaction, in the event log only."""
+        ...
+
     def update(self, cube_id: Hashable, i: int) -> None:
         """Change a memory's text through the full single-command write path."""
         ...
@@ -54,8 +58,10 @@ class Subject(Protocol):
 
     def history(self, cube_id: Hashable) -> None: ...
 
-    def rebuild(self) -> int:
-        """Rebuild state from the whole log; return the number of events read."""
+    def rebuild(self, core_only: bool = False) -> int:
+        """Rebuild state from the whole log; return the number of events read. ``core_only``:
+        only the read models the event-sourced core defines (MemWarden's cubes, versions, audit
+        and usage, not those of later features); the peer has one kind of state either way."""
         ...
 
     def close(self) -> None: ...

@@ -18,12 +18,10 @@ On the embedded SQLite default, and on PostgreSQL when the test server is reacha
 
 from __future__ import annotations
 
-import os
 import statistics
 import sys
 import tempfile
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,13 +31,12 @@ from rich.table import Table
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from bench._postgres import PG_URL, scratch_postgres_url
 from eventstore import EventStore
 from governance import MemWarden
 from governance._policy import AccessPolicy
 from governance._principal import Principal, Resource
 from projections._policy import POLICY_STREAM
-
-PG_URL = os.environ.get("MEMWARDEN_TEST_PG_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
 AGENT = Principal("agent:bench", "acme", "agent")
 OFFICER = Principal("officer:bench", "acme", "compliance_officer")
@@ -61,21 +58,6 @@ def _quantiles(samples: list[float]) -> tuple[float, float]:
 def _sqlite_url() -> Iterator[str]:
     with tempfile.TemporaryDirectory() as folder:
         yield f"sqlite:///{Path(folder) / 'bench.db'}"
-
-
-@contextmanager
-def _postgres_url() -> Iterator[str]:
-    schema = f"bench_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(PG_URL, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE SCHEMA "{schema}"'))
-    try:
-        yield make_url(PG_URL).update_query_dict(
-            {"options": f"-csearch_path={schema}"}).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
-        admin.dispose()
 
 
 def _postgres_reachable() -> bool:
@@ -183,7 +165,7 @@ def run(console: Console, full: bool) -> None:
     with _sqlite_url() as url:
         _bench_backend(console, "SQLite", url, full)
     if _postgres_reachable():
-        with _postgres_url() as url:
+        with scratch_postgres_url() as url:
             _bench_backend(console, "PostgreSQL", url, full)
     else:
         console.print(f"PostgreSQL at {make_url(PG_URL).render_as_string()} is unreachable: "
