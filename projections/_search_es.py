@@ -14,10 +14,14 @@ slow or down never holds up a write: the index catches up before each search.
 - Policy and lifecycle filters are ``bool.filter`` clauses of the query (and of the kNN search's
   ``filter``), so they apply before scoring, as on the SQL backends.
 - Vectors (the semantic extra) are computed at indexing time into a ``dense_vector`` field.
+- A cold-archived document keeps no plaintext, as on the SQL backends: its ``text`` is empty and
+  the text waits, compressed, in ``archived`` (a ``binary`` field: neither indexed nor returned
+  with hits) for a recall to put it back.
 """
 
 from __future__ import annotations
 
+import base64
 import uuid
 from collections.abc import Sequence
 from datetime import datetime
@@ -26,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import Connection
 
 from eventstore import EventStore, StoredEvent
+from projections._archive import compress_text, decompress_text
 from projections._readmodels import Projection
 from projections._runner import ProjectionRunner
 from projections._search import (
@@ -53,6 +58,10 @@ _KEYWORDS = ("cube_id", "tenant", "owner", "created_by", "kind", "semantic_type"
 _DATES = ("created_at", "updated_at", "expires_at")
 
 
+ARCHIVED_FIELD = {"type": "binary"}
+"""The compressed text of a cold-archived document (base64 in the source; never searched)."""
+
+
 def mapping(dimensions: int | None = None) -> dict[str, Any]:
     """The index mapping: keywords for every filtered attribute, English analysis of the text,
     and a cosine ``dense_vector`` when vectors are stored."""
@@ -60,6 +69,7 @@ def mapping(dimensions: int | None = None) -> dict[str, Any]:
     properties.update({name: {"type": "date"} for name in _DATES})
     properties.update({
         "text": {"type": "text", "analyzer": "english"},
+        "archived": ARCHIVED_FIELD,
         "erased": {"type": "boolean"},
         "doc_id": {"type": "long"},
         "version": {"type": "integer"},
@@ -79,13 +89,16 @@ def source(doc: SearchDocument, vector: Sequence[float] | None = None) -> dict[s
                  for name in _DATES})
     body.update(text=doc.text, erased=doc.erased, doc_id=doc.doc_id, version=doc.version,
                 position=doc.position)
+    if doc.tier == COLD_ARCHIVE and doc.text:
+        body.update(text="", archived=base64.b64encode(compress_text(doc.text)).decode())
     if vector is not None and doc.searchable:
         body["vector"] = list(vector)
     return body
 
 
-HIT_SOURCE = {"excludes": ["vector"]}
-"""What a search returns of each hit: the document, without its 384 floats."""
+HIT_SOURCE = {"excludes": ["vector", "archived"]}
+"""What a search returns of each hit: the document, without its 384 floats (nor, were it cold,
+its archived text)."""
 
 
 def hits_from(response: Any) -> list[SearchHit]:
@@ -94,7 +107,10 @@ def hits_from(response: Any) -> list[SearchHit]:
             for h in response["hits"]["hits"]]
 
 
-def document_from(body: dict[str, Any]) -> SearchDocument:
+def document_from(body: dict[str, Any], *, unarchived: bool = False) -> SearchDocument:
+    """The document ``body`` stores; ``unarchived``: with a cold one's text taken out of the
+    archive (to fold events into it: a recall puts the text back), else without its text."""
+
     def moment(name: str) -> Any:
         value = body.get(name)
         return None if value is None else datetime.fromisoformat(value)
@@ -103,7 +119,10 @@ def document_from(body: dict[str, Any]) -> SearchDocument:
         doc_id=body["doc_id"], cube_id=body["cube_id"], tenant=body["tenant"],
         owner=body["owner"], created_by=body["created_by"], kind=body["kind"],
         semantic_type=body["semantic_type"], labels=tuple(body["labels"]),
-        shared_with=tuple(body["shared_with"]), text=body["text"], state=body["state"],
+        shared_with=tuple(body["shared_with"]),
+        text=(decompress_text(base64.b64decode(body["archived"]))
+              if unarchived and body.get("archived") else body["text"]),
+        state=body["state"],
         tier=body["tier"], erased=body["erased"], created_at=moment("created_at"),
         updated_at=moment("updated_at"), expires_at=moment("expires_at"),
         version=body["version"], position=body["position"])
@@ -211,10 +230,14 @@ class ElasticsearchIndex(SearchIndex):
         return sorted(self.client.indices.get_alias(name=self.alias))
 
     def ensure(self) -> None:
-        """Create the first index behind the alias if there is none."""
+        """Create the first index behind the alias if there is none; give an index created by
+        an earlier release the fields added since (adding a field is all its mapping allows)."""
         if not self._current():
             self.client.indices.update_aliases(actions=[
                 {"add": {"index": self._new_index(), "alias": self.alias}}])
+        else:
+            self.client.indices.put_mapping(index=self.alias,
+                                            properties={"archived": ARCHIVED_FIELD})
 
     @property
     def write_index(self) -> str:
@@ -270,13 +293,15 @@ class ElasticsearchIndex(SearchIndex):
         if not cube_ids:
             return {}
         found = self.client.mget(index=self.write_index, ids=list(cube_ids), realtime=True)
-        return {d["_id"]: document_from(d["_source"]) for d in found["docs"] if d.get("found")}
+        return {d["_id"]: document_from(d["_source"], unarchived=True)
+                for d in found["docs"] if d.get("found")}
 
     def about_subject(self, tenant: str, subject: str) -> dict[str, SearchDocument]:
         self.client.indices.refresh(index=self.write_index)
         found = self.client.search(index=self.write_index, size=_SUBJECT_PAGE, query={
             "bool": {"filter": [{"term": {"tenant": tenant}}, {"term": {"owner": subject}}]}})
-        return {h["_id"]: document_from(h["_source"]) for h in found["hits"]["hits"]}
+        return {h["_id"]: document_from(h["_source"], unarchived=True)
+                for h in found["hits"]["hits"]}
 
     # -- the port ----------------------------------------------------------------------------
 

@@ -3,14 +3,17 @@
 The contract suite (tests/test_search.py) runs against a real server when ``MEMWARDEN_ES_URL``
 is set. Here, the policy filters it sends are checked for meaning: a small evaluator of the
 query DSL subset they use runs them over the documents of a random workload, and must select
-exactly what the SQLite index selects for the same ``SearchQuery``.
+exactly what the SQLite index selects for the same ``SearchQuery``. The backend's fold is run
+over a dict of stored bodies to check that a cold-archived document keeps no plaintext.
 """
 
 from __future__ import annotations
 
+import json
 import random
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,17 +21,21 @@ from sqlalchemy import select
 
 from eventstore import ANY_VERSION, EventContext, NewEvent, utcnow
 from governance import MemWarden, Settings
+from projections import ProjectionRunner
 from projections._search import (
     MEMORY_EXPIRED,
     MEMORY_TIER_CHANGED,
     SCOPES,
     AccessScope,
+    SearchDocument,
     SearchQuery,
     open_search_index,
     search_docs,
 )
 from projections._search_es import (
     HIT_SOURCE,
+    ElasticsearchIndex,
+    ElasticsearchProjection,
     document_from,
     hits_from,
     index_action,
@@ -46,6 +53,7 @@ def test_the_mapping_is_strict_keyword_filters_english_text() -> None:
     for name in ("tenant", "owner", "created_by", "labels", "shared_with", "state", "tier"):
         assert properties[name] == {"type": "keyword"}
     assert properties["text"] == {"type": "text", "analyzer": "english"}
+    assert properties["archived"] == {"type": "binary"}  # not indexed: never searched
     assert properties["expires_at"] == {"type": "date"}
     assert "vector" not in properties
     assert mapping(384)["properties"]["vector"] == {
@@ -199,3 +207,55 @@ def test_policy_filters_never_score() -> None:
     nobody = SearchQuery("x", (), utcnow())
     assert {"bool": {"should": [{"match_none": {}}], "minimum_should_match": 1}} in \
         policy_filters(nobody)
+
+
+class BodiesInMemory(ElasticsearchIndex):
+    """The backend's own documents and fold, with a dict of stored bodies for a server."""
+
+    def __init__(self) -> None:
+        super().__init__(client=None)  # type: ignore[arg-type]
+        self.bodies: dict[str, dict[str, Any]] = {}
+
+    def write(self, docs: Sequence[SearchDocument],
+              vectors: Sequence[Sequence[float] | None] | None = None) -> None:
+        self.bodies.update({doc.cube_id: index_action("index", doc)["_source"] for doc in docs})
+
+    def loaded(self, cube_ids: Sequence[str]) -> dict[str, SearchDocument]:
+        return {c: document_from(self.bodies[c], unarchived=True)
+                for c in cube_ids if c in self.bodies}
+
+    def about_subject(self, tenant: str, subject: str) -> dict[str, SearchDocument]:
+        return {c: document_from(body, unarchived=True) for c, body in self.bodies.items()
+                if (body["tenant"], body["owner"]) == (tenant, subject)}
+
+
+def test_a_cold_document_keeps_no_plaintext_until_a_recall_puts_it_back(
+        tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'memwarden.db'}"
+    with MemWarden.open(actor="admin:test", settings=Settings(db_url=url, pii_scan=False)) as mw:
+        cube = mw.add("aisle seat, never the window", tenant="acme", owner="user:ana").cube_id
+        index = BodiesInMemory()
+        runner = ProjectionRunner(mw.store, [ElasticsearchProjection(index)])
+        runner.create_schema()
+
+        def moved(from_tier: str, to_tier: str) -> dict[str, Any]:
+            _event(mw, cube, "acme", MEMORY_TIER_CHANGED,
+                   {"from_tier": from_tier, "to_tier": to_tier, "rule": "r"})
+            runner.catch_up()
+            return index.bodies[cube]
+
+        cold = moved("working", "cold_archive")
+        assert "aisle" not in json.dumps(cold) and cold["text"] == ""
+        assert "archived" in HIT_SOURCE["excludes"]  # not returned with hits either
+        assert document_from(cold).text == ""
+        assert document_from(cold, unarchived=True).text == "aisle seat, never the window"
+
+        warm = moved("cold_archive", "working")
+        assert warm["text"] == "aisle seat, never the window" and "archived" not in warm
+
+        moved("working", "cold_archive")
+        mw.erase_subject("user:ana", tenant="acme", reason="article 17 request")
+        runner.catch_up()
+        erased = index.bodies[cube]
+        assert erased["erased"] and "archived" not in erased
+        assert document_from(erased, unarchived=True).text == ""
