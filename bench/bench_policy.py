@@ -20,18 +20,19 @@ from __future__ import annotations
 
 import statistics
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from pathlib import Path
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from bench._postgres import PG_URL, scratch_postgres_url
+from bench._postgres import (
+    PG_URL,
+    postgres_reachable,
+    scratch_postgres_url,
+    scratch_sqlite_url,
+)
 from eventstore import EventStore
 from governance import MemWarden
 from governance._policy import AccessPolicy
@@ -52,23 +53,6 @@ def _rate(operation: Callable[[], object], count: int) -> float:
 def _quantiles(samples: list[float]) -> tuple[float, float]:
     cuts = statistics.quantiles(samples, n=100)
     return cuts[49] * 1000, cuts[94] * 1000
-
-
-@contextmanager
-def _sqlite_url() -> Iterator[str]:
-    with tempfile.TemporaryDirectory() as folder:
-        yield f"sqlite:///{Path(folder) / 'bench.db'}"
-
-
-def _postgres_reachable() -> bool:
-    try:
-        engine = create_engine(PG_URL)
-        with engine.connect() as conn:
-            conn.execute(text("select 1"))
-        engine.dispose()
-    except Exception:  # any failure to connect means "no server": bench SQLite only
-        return False
-    return True
 
 
 def _decision_rates(policy: AccessPolicy, store: EventStore, count: int) -> dict[str, float]:
@@ -162,9 +146,9 @@ def _bench_backend(console: Console, backend: str, url: str, full: bool) -> None
 
 
 def run(console: Console, full: bool) -> None:
-    with _sqlite_url() as url:
+    with scratch_sqlite_url() as url:
         _bench_backend(console, "SQLite", url, full)
-    if _postgres_reachable():
+    if postgres_reachable():
         with scratch_postgres_url() as url:
             _bench_backend(console, "PostgreSQL", url, full)
     else:

@@ -39,20 +39,22 @@ from __future__ import annotations
 import os
 import random
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
-from sqlalchemy import create_engine, text
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
 from bench._embeddings import CACHE_ENV, SharedEmbeddings, cache_folder, index_pending
-from bench._postgres import PG_URL, scratch_postgres_url
+from bench._postgres import (
+    PG_URL,
+    postgres_reachable,
+    scratch_postgres_url,
+    scratch_sqlite_url,
+)
 from bench._report import millis, percentile, rate, seeding_progress
 from eventstore import EventContext, StreamAppend, utcnow
 from governance import Limits, MemCube, MemWarden, Principal, Settings
@@ -152,23 +154,6 @@ def _latency(call: Callable[[int], object], count: int) -> Latency:
 
 
 # -- databases --------------------------------------------------------------------------------
-
-
-@contextmanager
-def _sqlite_url() -> Iterator[str]:
-    with tempfile.TemporaryDirectory() as folder:
-        yield f"sqlite:///{Path(folder) / 'bench.db'}"
-
-
-def _postgres_reachable() -> bool:
-    try:
-        engine = create_engine(PG_URL)
-        with engine.connect() as conn:
-            conn.execute(text("select 1"))
-        engine.dispose()
-    except Exception:  # any failure to connect means "no server"
-        return False
-    return True
 
 
 def _open(url: str, es_url: str | None = None) -> MemWarden:
@@ -367,7 +352,7 @@ def _recall_table(console: Console, wanted: tuple[str, ...]) -> Table:
     lexical = [q for q in QUESTIONS if not q.paraphrased]
     paraphrased = [q for q in QUESTIONS if q.paraphrased]
     modes = [m for m in wanted if m == "bm25" or semantic_available()]
-    with _sqlite_url() as url, _open(url) as mw:
+    with scratch_sqlite_url() as url, _open(url) as mw:
         seed_retrieval_set(mw)
         for mode in modes:
             table.add_row(mode, f"{recall_at(mw, lexical, mode=mode):.2f}",
@@ -394,14 +379,14 @@ def run(console: Console, full: bool) -> None:
     rows: list[Row] = []
     throughput: list[tuple[str, ...]] = []
     backends: list[tuple[str, Callable[[], object], str | None]] = [
-        ("SQLite FTS5", _sqlite_url, None)]
-    if _postgres_reachable():
+        ("SQLite FTS5", scratch_sqlite_url, None)]
+    if postgres_reachable():
         backends.append(("PostgreSQL FTS", scratch_postgres_url, None))
     else:
         console.print(f"PostgreSQL at {make_url(PG_URL).render_as_string()} is unreachable: "
                       "skipped")
     if ES_URL:
-        backends.append(("Elasticsearch", _sqlite_url, ES_URL))
+        backends.append(("Elasticsearch", scratch_sqlite_url, ES_URL))
     else:
         console.print("Elasticsearch: MEMWARDEN_ES_URL is not set: skipped")
     for name, database, es_url in backends:
