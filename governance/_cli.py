@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 
 from eventstore import EventStoreError
@@ -47,10 +48,27 @@ from projections import (
 (EXIT_OK, EXIT_FAILURE, EXIT_INVALID, EXIT_NOT_FOUND, EXIT_CONFLICT, EXIT_INTEGRITY,
  EXIT_DENIED) = range(7)
 
-# Markup off: memory texts, ids and error messages hold whatever users wrote, and "[note]" or
-# "[bold]" in them must print as written. Styled words are built as rich Text instead.
-console = Console(markup=False)
-err_console = Console(stderr=True, markup=False)
+PIPED_WIDTH = 160
+"""Columns of output that goes to a file or a pipe ($COLUMNS, if set, wins): rich would cut
+tables to 80, wrapping every text and shortening names."""
+
+
+def _console(*, stderr: bool = False) -> Console:
+    # Markup off: memory texts, ids and error messages hold whatever users wrote, and "[note]"
+    # or "[bold]" in them must print as written. Styled words are built as rich Text instead.
+    piped = not (sys.stderr if stderr else sys.stdout).isatty() and "COLUMNS" not in os.environ
+    return Console(stderr=stderr, markup=False, width=PIPED_WIDTH if piped else None)
+
+
+console = _console()
+err_console = _console(stderr=True)
+
+
+def id_column(header: str, ids: Iterable[str]) -> Column:
+    """A table column of identifiers, which readers copy into their next command: never
+    shortened with "…" nor folded over lines, however narrow the terminal (other columns wrap
+    instead)."""
+    return Column(header, no_wrap=True, min_width=max([len(header), *map(len, ids)]))
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -270,7 +288,8 @@ def list_command(mw: MemWarden, tenant: str | None, owner: str | None, kind: str
         _print_json({"items": [state_as_dict(m) for m in page],
                      "next": page[-1].cube_id if len(page) == limit else None})
         return
-    table = Table("id", "tenant", "owner", "v", "state", "text")
+    table = Table(id_column("id", (m.cube_id for m in page)), "tenant", "owner", "v", "state",
+                  "text")
     for memory in page:
         table.add_row(memory.cube_id, memory.tenant, memory.owner, str(memory.version),
                       *_listed_state_and_text(memory))
@@ -413,7 +432,7 @@ def as_of_command(mw: MemWarden, cube_id: str | None, tenant: str | None, positi
     if as_json:
         _print_json([state_as_dict(s) for s in states.values()])
         return
-    table = Table("id", "owner", "v", "state", "text")
+    table = Table(id_column("id", states), "owner", "v", "state", "text")
     for s in states.values():
         table.add_row(s.cube_id, s.owner, str(s.version), s.state, s.text[:60])
     console.print(table)
@@ -450,7 +469,8 @@ def audit_command(mw: MemWarden, tenant: str | None, actor_filter: str | None,
         _print_json({"items": [_audit_row(e) for e in page],
                      "next": page[-1].position if len(page) == limit else None})
         return
-    table = Table("pos", "when", "type", "actor", "tenant", "memory", "reason", "detail")
+    table = Table("pos", "when", "type", "actor", "tenant",
+                  id_column("memory", (e.cube_id or "" for e in page)), "reason", "detail")
     for e in page:
         detail = {k: v for k, v in e.detail.items() if k != "metadata"}
         table.add_row(str(e.position), e.recorded_at.strftime("%Y-%m-%d %H:%M:%S"), e.type,
@@ -564,7 +584,8 @@ def keys_group() -> None:
 
 
 def _show_keys(records: list[ApiKeyRecord]) -> None:
-    table = Table("id", "tenant", "subject", "role", "issued", "by", "revoked")
+    table = Table(id_column("id", (r.key_id for r in records)), "tenant", "subject", "role",
+                  "issued", "by", "revoked")
     for r in records:
         table.add_row(r.key_id, r.tenant, r.subject, r.role,
                       r.issued_at.strftime("%Y-%m-%d %H:%M:%S"), r.issued_by,

@@ -10,7 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from governance._cli import _print_json, cli, command, console, err_console, json_option
+from governance._cli import _print_json, cli, command, console, err_console, id_column, json_option
 from governance._conversion import Selection
 from governance._lineage import Lineage
 from governance._sdk import MemWarden, state_as_dict
@@ -23,14 +23,16 @@ def convert_group() -> None:
 
 
 def _show_selection(selection: Selection) -> None:
-    table = Table("selected memory", "owner", "version", "reads", "last write",
+    table = Table(id_column("selected memory", (c.state.cube_id for c in selection.selected)),
+                  "owner", "version", "reads", "last write",
                   title=f"{len(selection.selected)} selected")
     for c in selection.selected:
         table.add_row(c.state.cube_id, c.state.owner, str(c.state.version), str(c.reads),
                       c.last_write.strftime("%Y-%m-%d %H:%M"))
     console.print(table)
     if selection.excluded:
-        left_out = Table("left out", "why", title=f"{len(selection.excluded)} left out")
+        left_out = Table(id_column("left out", (c for c, _ in selection.excluded)), "why",
+                         title=f"{len(selection.excluded)} left out")
         for cube_id, why in selection.excluded:
             left_out.add_row(cube_id, why)
         console.print(left_out)
@@ -140,7 +142,8 @@ def convert_run_command(mw: MemWarden, tenant: str | None, dry_run: bool, as_jso
     if not actions:
         console.print("no worker scopes (policies/conversion.yaml, worker.scopes)")
         return
-    table = Table("kind", "memory", "outcome", "why", "artifact")
+    table = Table("kind", id_column("memory", (a.cube_id for a in actions)), "outcome", "why",
+                  "artifact")
     for a in actions:
         table.add_row(a.kind, a.cube_id, a.outcome, a.why, (a.artifact or "")[:16])
     console.print(table)
@@ -162,7 +165,8 @@ def convert_plaintext_command(mw: MemWarden, artifact: str, reason: str | None,
         return
     console.print(f"retired {fallback.artifact}; {len(fallback.restored)} memories serve as "
                   "plaintext again", highlight=False)
-    table = Table("memory", "version", "text")
+    ids = [*(s.cube_id for s in fallback.restored), *(c for c, _ in fallback.skipped)]
+    table = Table(id_column("memory", ids), "version", "text")
     for state in fallback.restored:
         table.add_row(state.cube_id, str(state.version), state.text[:70])
     for cube_id, why in fallback.skipped:
@@ -171,7 +175,8 @@ def convert_plaintext_command(mw: MemWarden, artifact: str, reason: str | None,
 
 
 def _artifact_rows(artifacts: tuple[ArtifactRecord, ...] | list[ArtifactRecord]) -> Table:
-    table = Table("artifact", "kind", "memory", "v", "status", "sources (id@version)", "taints")
+    table = Table("artifact", "kind", id_column("memory", (a.cube_id for a in artifacts)), "v",
+                  "status", "sources (id@version)", "taints")
     for a in artifacts:
         status = Text(a.status, style={"ready": "green", "tainted": "red"}.get(a.status, ""))
         table.add_row(a.artifact[:16], a.kind, a.cube_id, str(a.cube_version), status,

@@ -8,7 +8,15 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from governance._cli import _parse_moment, _print_json, cli, command, console, json_option
+from governance._cli import (
+    _parse_moment,
+    _print_json,
+    cli,
+    command,
+    console,
+    id_column,
+    json_option,
+)
 from governance._holds import Hold
 from governance._retention import RetentionReport, SweepReport
 from governance._sdk import MemWarden, state_as_dict
@@ -40,7 +48,8 @@ def _show_sweep(report: SweepReport) -> None:
         if not report.actions:
             console.print("Nothing is due.")
         else:
-            table = Table("memory", "tenant", "outcome", "rule", "why")
+            table = Table(id_column("memory", (a.cube_id for a in report.actions)), "tenant",
+                          "outcome", "rule", "why")
             for action in report.actions:
                 outcome = f"held ({action.held_by})" if action.held_by else action.outcome
                 table.add_row(action.cube_id, action.tenant, outcome, action.rule or "(write ttl)",
@@ -104,8 +113,10 @@ def _show_report(report: RetentionReport) -> None:
         due.add_row(row["rule"] or "(write ttl)", *(str(row[o]) for o in outcomes))
     console.print(due)
     if report.recent:
-        recent = Table("when", "memory", "outcome", "rule", "by", title="latest actions")
-        for row in report.recent[:20]:
+        shown = report.recent[:20]
+        recent = Table("when", id_column("memory", (row["cube_id"] or "" for row in shown)),
+                       "outcome", "rule", "by", title="latest actions")
+        for row in shown:
             recent.add_row(row["occurred_at"], row["cube_id"] or "", row["outcome"],
                            row["rule"] or "", row["actor"])
         console.print(recent)

@@ -7,7 +7,15 @@ from datetime import datetime
 import click
 from rich.table import Table
 
-from governance._cli import _parse_moment, _print_json, cli, command, console, json_option
+from governance._cli import (
+    _parse_moment,
+    _print_json,
+    cli,
+    command,
+    console,
+    id_column,
+    json_option,
+)
 from governance._memcube import KINDS, SEMANTIC_TYPES
 from governance._sdk import MemWarden
 from governance._search import MODES
@@ -45,7 +53,8 @@ def search_command(mw: MemWarden, query: str, k: int, mode: str, tenant: str | N
     if as_json:
         _print_json({"items": [result.as_dict() for result in results], "mode": mode})
         return
-    table = Table("score", "id", "tenant", "owner", "type", "snippet")
+    table = Table("score", id_column("id", (r.cube_id for r in results)), "tenant", "owner",
+                  "type", "snippet")
     for result in results:
         snippet = result.snippet + (" [masked]" if result.masked else "")
         table.add_row(f"{result.score:.3f}", result.cube_id, result.tenant, result.owner,

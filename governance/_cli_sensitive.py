@@ -11,7 +11,7 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from governance._cli import _print_json, cli, command, console, json_option
+from governance._cli import _print_json, cli, command, console, id_column, json_option
 from governance._sdk import MemWarden
 
 
@@ -71,7 +71,8 @@ def findings_command(mw: MemWarden, tenant: str | None, cube_id: str | None, lim
             "analyzer": r.analyzer, "position": r.position,
             "detected_at": r.detected_at.isoformat()} for r in records]})
         return
-    table = Table("position", "memory", "version", "tenant", "entity types")
+    table = Table("position", id_column("memory", (r.cube_id for r in records)), "version",
+                  "tenant", "entity types")
     for r in records:
         table.add_row(str(r.position), r.cube_id, str(r.version), r.tenant,
                       ", ".join(r.entity_types))

@@ -19,6 +19,7 @@ from click.testing import CliRunner, Result
 from log_tampering import overwrite_column
 from sqlalchemy import create_engine
 
+import governance._cli as _cli
 import governance._cli_kafka as work_module
 from governance import ENVIRONMENT_VARIABLES
 from governance._cli import cli
@@ -528,3 +529,20 @@ def test_what_users_wrote_prints_as_written(memwarden: Memwarden) -> None:
     assert written in memwarden("list").stdout
     assert written in memwarden("get", "bracketed").stdout
     assert "no memory with id '[x]'" in memwarden.fails("get", "[x]", code=NOT_FOUND)
+
+
+def test_ids_print_whole_however_narrow_the_terminal(
+        memwarden: Memwarden, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An id is what a reader copies into the next command: tables never shorten it, even at
+    80 columns where the memory's text must wrap around it."""
+    created = memwarden.json("add", "Aiko prefers window seats on long-haul flights, and an "
+                             "aisle seat on short ones", "--tenant", "globex-travel",
+                             "--owner", "customer:aiko.tanaka")
+    assert len(created["id"]) == 36  # a generated (version 7 UUID) id
+    monkeypatch.setattr(_cli.console, "width", 80)
+    for command in (["list"], ["audit", "--tenant", "globex-travel"],
+                    ["search", "window seats", "--tenant", "globex-travel"],
+                    ["as-of", "--tenant", "globex-travel", "--position", "1000"]):
+        lines = memwarden(*command).stdout.splitlines()
+        assert any(created["id"] in line for line in lines), (command, lines)
+        assert max(map(len, lines)) <= 80
