@@ -20,6 +20,9 @@ from sqlalchemy.engine import make_url
 
 APPEND_ONLY_MESSAGE = "events are append-only"
 
+SQLITE_BUSY_TIMEOUT_MS = 60_000
+"""How long a SQLite connection waits for another one's write lock before "database is locked"."""
+
 _SCHEMA_SETUP_LOCK = 0x6D656D7761726465
 """PostgreSQL advisory lock key ("memwarde" in ASCII) held while a store sets up its schema."""
 
@@ -77,7 +80,8 @@ class SQLiteDialect(Dialect):
             from pathlib import Path
 
             Path(database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 60})
+        engine = create_engine(url, connect_args={"check_same_thread": False,
+                                                  "timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
 
         @event.listens_for(engine, "connect")
         def _configure(dbapi_connection: Any, _record: Any) -> None:
@@ -87,7 +91,7 @@ class SQLiteDialect(Dialect):
             cursor.execute("PRAGMA journal_mode=WAL")
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
-            cursor.execute("PRAGMA busy_timeout=60000")
+            cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
             # A 64 MiB page cache (SQLite's default is 2 MiB): an append touches the events
             # table's five indexes and a projected write the read models' tables, and beyond
             # ~10^5 events their pages no longer fit the default. Allocated as used.

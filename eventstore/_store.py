@@ -8,6 +8,8 @@ not at all.
 
 from __future__ import annotations
 
+import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -15,9 +17,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, func, select
+from sqlalchemy import Connection, Engine, RootTransaction, func, select
 from sqlalchemy import exc as sa_exc
 
+from eventstore import _dialects
 from eventstore._codec import PayloadCodec
 from eventstore._dialects import Dialect, dialect_for
 from eventstore._driver import DriverConnection, in_list, insert_sql, select_sql
@@ -62,6 +65,13 @@ _SELECT_STREAM_VERSIONS = ("SELECT stream_id, MAX(stream_version) FROM events "
 _SELECT_PAGE = f"{_SELECT_EVENTS} WHERE position > ? ORDER BY position LIMIT ?"
 _INSERT_EVENT = insert_sql("events", _COLUMNS)
 
+
+logger = logging.getLogger("memwarden.eventstore")
+
+SCHEMA_SETUP_PATIENCE_SECONDS = 3600.0
+"""How long opening a database waits for another process's schema setup or upgrade."""
+SCHEMA_SETUP_ATTEMPT_MS = 5_000
+"""SQLite: how long each request for the write lock waits (then a warning, and another)."""
 
 @dataclass(frozen=True, slots=True)
 class StreamAppend:
@@ -133,8 +143,7 @@ class EventStore:
         # Stores opened at the same moment (worker processes starting together) would otherwise
         # race to create the same table and triggers: serialize them, and create only what is
         # missing.
-        with _translated_errors(), self.write_connection() as conn, conn.begin():
-            self.dialect.lock_for_schema_setup(conn)
+        with _translated_errors(), self.schema_setup() as conn:
             metadata.create_all(conn)
             self.dialect.install_append_only_triggers(conn)
             if self.codec is not None:
@@ -142,6 +151,53 @@ class EventStore:
 
     def close(self) -> None:
         self.engine.dispose()
+
+    @contextmanager
+    def schema_setup(self) -> Iterator[Connection]:
+        """A transaction holding the schema-setup lock, for what opening a database creates or
+        upgrades (tables, triggers, read models built at another revision).
+
+        It waits for another process's setup as long as that takes, up to
+        ``SCHEMA_SETUP_PATIENCE_SECONDS``: the read-model rebuild after an upgrade runs for
+        minutes at 10^6 events. PostgreSQL's advisory lock waits without a timeout; SQLite's
+        write lock is asked for again each time the busy timeout runs out, with a warning, so a
+        process started beside the one upgrading waits for it instead of failing with
+        "database is locked"."""
+        deadline = time.monotonic() + SCHEMA_SETUP_PATIENCE_SECONDS
+        warned = False
+        while True:
+            with self.write_connection() as conn:
+                transaction = self._begin_setup(conn, deadline)
+                if transaction is None:
+                    if not warned:
+                        logger.warning("waiting for another process holding the database's "
+                                       "write lock (setting it up, or rebuilding read models "
+                                       "after an upgrade)")
+                        warned = True
+                    continue
+                with transaction:
+                    self.dialect.lock_for_schema_setup(conn)
+                    yield conn
+                return
+
+    def _begin_setup(self, conn: Connection, deadline: float) -> RootTransaction | None:
+        """``conn.begin()``, or None if SQLite's write lock stayed busy for a whole attempt
+        before ``deadline`` (try again)."""
+        if self.dialect.name != "sqlite":
+            return conn.begin()
+        driver = conn.connection.dbapi_connection
+        assert driver is not None
+        attempt = min(_dialects.SQLITE_BUSY_TIMEOUT_MS, SCHEMA_SETUP_ATTEMPT_MS)
+        driver.execute(f"PRAGMA busy_timeout={attempt}")
+        try:
+            return conn.begin()
+        except sa_exc.OperationalError as error:
+            busy = getattr(error.orig, "sqlite_errorname", None) == "SQLITE_BUSY"
+            if not busy or time.monotonic() >= deadline:
+                raise
+            return None
+        finally:
+            driver.execute(f"PRAGMA busy_timeout={_dialects.SQLITE_BUSY_TIMEOUT_MS}")
 
     # -- writing ---------------------------------------------------------------------------
 

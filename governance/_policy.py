@@ -270,9 +270,8 @@ class AccessPolicy:
     @classmethod
     def open(cls, store: EventStore, *, then: AfterAppend | None = None) -> AccessPolicy:
         """Create the rules table; on the first start, seed it from ``policies/policy.csv``."""
-        with store.write_connection() as conn, conn.begin():
+        with store.schema_setup() as conn:
             # Processes starting together on a fresh database would race to create the table.
-            store.dialect.lock_for_schema_setup(conn)
             metadata.create_all(conn)
         if store.stream_version(POLICY_STREAM) == 0:
             cls._seed(store, read_policy_file(DEFAULT_POLICY_PATH), then)

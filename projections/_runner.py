@@ -45,11 +45,10 @@ class ProjectionRunner:
         """Create what is missing, and rebuild the read models built at another revision than
         this release's (see the module docstring). At the current revisions, a few small reads.
         """
-        with self.store.write_connection() as conn, conn.begin():
+        with self.store.schema_setup() as conn:
             # Processes starting together (API, projectors, workers) would race to create the
-            # same tables: serialize them, as EventStore.create_schema does. Held until the
-            # upgrade below commits: whoever comes next finds the read models rebuilt.
-            self.store.dialect.lock_for_schema_setup(conn)
+            # same tables: serialized, as EventStore.create_schema is. Held until the upgrade
+            # below commits: whoever comes next waits, then finds the read models rebuilt.
             metadata.create_all(conn)
             known = set(conn.execute(select(checkpoints.c.name)).scalars())
             missing = [{"name": p.name, "position": 0} for p in self.projections

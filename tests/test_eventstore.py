@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import logging
 import multiprocessing
+import sqlite3
 import threading
 import time
 import traceback
@@ -17,6 +19,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
@@ -39,9 +42,12 @@ from eventstore import (
     StreamAppend,
     UpcastError,
     Upcasters,
+    _dialects,
+    _store,
     canonical_json,
 )
 from eventstore._envelope import event_hash
+from eventstore._errors import BackendError
 
 CONTEXT = EventContext(actor="agent:test", tenant="acme")
 
@@ -673,6 +679,53 @@ def test_stores_opened_concurrently_on_one_postgres_schema_all_work(postgres_url
 
     assert failures == []
     assert len(opened) == 1
+
+
+def test_opening_waits_out_a_sqlite_write_lock_held_past_the_busy_timeout(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Another process upgrading the database (a read-model rebuild: minutes at 10^6 events)
+    holds SQLite's write lock longer than the busy timeout; a store opened meanwhile waits for
+    it, saying so, rather than failing with "database is locked"."""
+    path = tmp_path / "memwarden.db"
+    EventStore.open(f"sqlite:///{path}").close()
+    monkeypatch.setattr(_dialects, "SQLITE_BUSY_TIMEOUT_MS", 300)  # stands for the 60 s
+    monkeypatch.setattr(_store, "SCHEMA_SETUP_ATTEMPT_MS", 100)
+    upgrading = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    upgrading.execute("BEGIN IMMEDIATE")
+    released = threading.Timer(1.5, upgrading.rollback)
+    released.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="memwarden.eventstore"):
+            started = time.monotonic()
+            store = EventStore.open(f"sqlite:///{path}")
+        try:
+            assert time.monotonic() - started >= 1.0  # it did wait for the lock
+            assert "waiting for another process holding the database's write lock" in caplog.text
+            store.append("s", [note()], expected_version=0, context=CONTEXT)
+            assert store.head_position() == 1
+            with store.engine.connect() as conn:  # the pooled connection's own timeout is back
+                assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 300
+        finally:
+            store.close()
+    finally:
+        released.join()
+        upgrading.close()
+
+
+def test_opening_gives_up_on_a_sqlite_write_lock_held_past_its_patience(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "memwarden.db"
+    EventStore.open(f"sqlite:///{path}").close()
+    monkeypatch.setattr(_store, "SCHEMA_SETUP_PATIENCE_SECONDS", 0.5)
+    monkeypatch.setattr(_store, "SCHEMA_SETUP_ATTEMPT_MS", 100)
+    holding = sqlite3.connect(path, isolation_level=None)
+    holding.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(BackendError, match="database is locked"):
+            EventStore.open(f"sqlite:///{path}")
+    finally:
+        holding.close()
+    _collect_connections_leaked_by_failed_opens()
 
 
 def _collect_connections_leaked_by_failed_opens() -> None:
