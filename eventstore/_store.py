@@ -73,6 +73,7 @@ SCHEMA_SETUP_PATIENCE_SECONDS = 3600.0
 SCHEMA_SETUP_ATTEMPT_MS = 5_000
 """SQLite: how long each request for the write lock waits (then a warning, and another)."""
 
+
 @dataclass(frozen=True, slots=True)
 class StreamAppend:
     """Events for one stream, appended only if the stream is at ``expected_version``.
