@@ -69,6 +69,8 @@ def id_column(header: str, ids: Iterable[str]) -> Column:
     shortened with "…" nor folded over lines, however narrow the terminal (other columns wrap
     instead)."""
     return Column(header, no_wrap=True, min_width=max([len(header), *map(len, ids)]))
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -432,7 +434,8 @@ def as_of_command(mw: MemWarden, cube_id: str | None, tenant: str | None, positi
     if as_json:
         _print_json([state_as_dict(s) for s in states.values()])
         return
-    table = Table(id_column("id", states), "owner", "v", "state", "text")
+    table = Table(id_column("id", (s.cube_id for s in states.values())), "owner", "v", "state",
+                  "text")
     for s in states.values():
         table.add_row(s.cube_id, s.owner, str(s.version), s.state, s.text[:60])
     console.print(table)
