@@ -443,19 +443,24 @@ def test_a_batch_aborted_to_break_a_deadlock_is_committed_again(
                 failures.append(error)
 
         threads = [threading.Thread(target=drain, args=(loop,)) for loop in loops]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        try:
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+        finally:
+            for loop in loops:  # (a consumer left open would go on reconnecting)
+                loop.close()
         assert not failures, failures
-        assert sum(loop.conflicts for loop in loops) == 1  # one victim, committed again
+        # The first batches deadlock by design; later ones, which lock the two rows in opposite
+        # orders too, may by chance. Every victim is committed again.
+        aborted = sum(loop.conflicts for loop in loops)
+        assert aborted >= 1
         assert sum(loop.totals.applied for loop in loops) == store.head_position()
-        commits = sum(attempts.values()) - 1
+        commits = sum(attempts.values()) - aborted
         with store.engine.connect() as conn:
             counters = dict(conn.exec_driver_sql("SELECT k, n FROM shared_counters").fetchall())
-        assert counters == {"a": commits, "b": commits}  # the aborted attempt left nothing
-        for loop in loops:
-            loop.close()
+        assert counters == {"a": commits, "b": commits}  # aborted attempts left nothing
     finally:
         store.close()
 
