@@ -43,6 +43,7 @@ from eventstore._errors import (
     IntegrityError,
     TransientConflict,
 )
+from eventstore._gc import collection_paused
 from eventstore._schema import events, metadata
 from eventstore._upcasting import Upcasters
 
@@ -228,7 +229,8 @@ class EventStore:
         if not any(a.events for a in appends):
             return []
         try:
-            with _translated_errors(), self.write_connection() as conn, conn.begin():
+            with (collection_paused(), _translated_errors(), self.write_connection() as conn,
+                  conn.begin()):
                 self.dialect.lock_for_append(conn)
                 stored = self._append_locked(conn, appends)
                 if then is not None:
@@ -467,7 +469,7 @@ class EventStore:
         head = self.head_position()
         expected_position, prev_hash, checked = 1, GENESIS_HASH, 0
         after = 0
-        with _translated_errors(), self.engine.connect() as conn:
+        with collection_paused(), _translated_errors(), self.engine.connect() as conn:
             db = DriverConnection(conn, self.dialect)
             while True:
                 rows = [self._as_stored(values)

@@ -51,6 +51,7 @@ from sqlalchemy import Column, Connection, Engine, MetaData, String, Table
 from eventstore import EventStore, StoredEvent
 from eventstore._dialects import dialect_named
 from eventstore._driver import DriverConnection, in_list
+from eventstore._gc import collection_paused
 from eventstore._kafka import (
     KafkaConsumerLoop,
     KafkaDistributionError,
@@ -359,11 +360,13 @@ class KafkaProjector:
         return ProjectionRunner(target_store, self.projections).digest()
 
     def _apply(self, conn: Connection, events: list[StoredEvent]) -> None:
-        for projection in self.projections:
-            projection.apply(conn, events)
+        with collection_paused():
+            for projection in self.projections:
+                projection.apply(conn, events)
 
     def _decode(self, conn: Connection, events: list[StoredEvent]) -> list[StoredEvent]:
-        upcast = [self.store.upcasters.upcast(e) for e in events]
-        if self.target is self.store.engine:
-            return self.store.decode(upcast, connection=conn)
-        return self.store.decode(upcast)
+        with collection_paused():
+            upcast = [self.store.upcasters.upcast(e) for e in events]
+            if self.target is self.store.engine:
+                return self.store.decode(upcast, connection=conn)
+            return self.store.decode(upcast)

@@ -24,6 +24,7 @@ from sqlalchemy import Connection, insert, select
 
 from eventstore import EventStore, StoredEvent, canonical_json
 from eventstore._driver import DriverConnection, in_list, upsert_sql
+from eventstore._gc import collection_paused
 from projections._readmodels import Projection, default_projections
 from projections._tables import checkpoints, metadata
 
@@ -57,7 +58,8 @@ class ProjectionRunner:
                 conn.execute(insert(checkpoints), missing)
             outdated = outdated_revisions(conn, self.projections, built=known)
             if outdated:
-                self._upgrade(conn, outdated)
+                with collection_paused():
+                    self._upgrade(conn, outdated)
 
     def _upgrade(self, conn: Connection, outdated: Mapping[str, int]) -> None:
         """Rebuild the read models ``outdated`` names (with the revision each was built at), in
@@ -86,7 +88,7 @@ class ProjectionRunner:
         """Apply every event not yet projected, one committed batch at a time; return the count."""
         applied = 0
         while True:
-            with self.store.write_connection() as conn, conn.begin():
+            with collection_paused(), self.store.write_connection() as conn, conn.begin():
                 count = self._apply_batch(conn, batch_size)
             applied += count
             if on_progress is not None and count:
@@ -132,7 +134,7 @@ class ProjectionRunner:
         unknown = set(names or ()) - {p.name for p in chosen}
         if unknown:
             raise ValueError(f"unknown projections: {sorted(unknown)}")
-        with self.store.write_connection() as conn, conn.begin():
+        with collection_paused(), self.store.write_connection() as conn, conn.begin():
             return self._rebuild_in(conn, chosen, batch_size=batch_size,
                                     on_progress=on_progress)
 

@@ -48,6 +48,7 @@ from eventstore import (
 )
 from eventstore._envelope import event_hash
 from eventstore._errors import BackendError
+from eventstore._gc import collection_paused
 
 CONTEXT = EventContext(actor="agent:test", tenant="acme")
 
@@ -789,3 +790,72 @@ def test_the_hash_is_over_the_canonical_json_of_the_envelope(
         occurred_at=occurred_at, recorded_at=recorded_at, tenant=tenant, actor=actor,
         on_behalf_of=on_behalf_of, correlation_id=correlation_id, causation_id=causation_id,
         payload_json=payload_json, prev_hash=GENESIS_HASH) == expected
+
+
+# -- bulk work and the garbage collector ---------------------------------------------------
+
+
+@pytest.fixture
+def collection_on() -> Iterator[None]:
+    was = gc.isenabled()
+    gc.enable()
+    yield
+    if not was:
+        gc.disable()
+
+
+@pytest.mark.usefixtures("collection_on")
+def test_bulk_work_pauses_cyclic_collection_and_brings_it_back_however_it_ends() -> None:
+    with collection_paused():
+        assert not gc.isenabled()
+        with collection_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled(), "an inner block ending must not resume it for the outer one"
+    assert gc.isenabled()
+
+    with pytest.raises(RuntimeError, match="bulk work failed"), collection_paused():
+        raise RuntimeError("bulk work failed")
+    assert gc.isenabled()
+
+
+def test_bulk_work_leaves_collection_off_where_the_program_turned_it_off() -> None:
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        with collection_paused():
+            pass
+        assert not gc.isenabled()
+    finally:
+        if was:
+            gc.enable()
+
+
+@pytest.mark.usefixtures("collection_on")
+def test_collection_resumes_when_the_last_of_overlapping_bulk_work_ends() -> None:
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with collection_paused():
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    first_in.wait(5)
+    with collection_paused():
+        second_in.set()
+        first_out.wait(5)
+        assert not gc.isenabled(), "the other thread's work ending must not resume it for this"
+    thread.join(5)
+    assert gc.isenabled()
+
+
+@pytest.mark.usefixtures("collection_on")
+def test_an_append_and_what_runs_in_its_transaction_run_with_collection_paused(
+        store: EventStore) -> None:
+    seen: list[bool] = []
+    store.append("notes", [note()], expected_version=0, context=CONTEXT,
+                 then=lambda conn, events: seen.append(gc.isenabled()))
+    assert seen == [False]
+    assert gc.isenabled()
