@@ -12,6 +12,7 @@ from pathlib import Path
 
 from bench._workload import BATCH, TENANT, memory_metadata, memory_owner, memory_text
 from eventstore import EventContext, StreamAppend
+from eventstore._gc import collection_paused
 from governance import Limits, MemCube, MemWarden, Settings
 from governance._memcube import new_memory_id
 
@@ -64,7 +65,12 @@ class MemWardenSubject:
         self._mw.close()
 
     def _append(self, start: int, count: int, *, project: bool) -> list[str]:
-        """One transaction creating ``count`` memories, each its own stream (and MemCube)."""
+        """One transaction creating ``count`` memories, each its own stream (and MemCube); with
+        cyclic garbage collection paused, as ``MemWarden.add_many`` runs."""
+        with collection_paused():
+            return self._append_paused(start, count, project=project)
+
+    def _append_paused(self, start: int, count: int, *, project: bool) -> list[str]:
         limits = Limits()
         appends = [
             StreamAppend(

@@ -34,6 +34,7 @@ from eventstore import (
     VerificationReport,
     utcnow,
 )
+from eventstore._gc import collection_paused
 from governance import _erasure, _holds, _lineage, _retention
 from governance._access import AccessRecorder
 from governance._config import Settings
@@ -260,6 +261,7 @@ class MemWarden:
             tenant, owner=owner, created_by=self.actor, labels=labels))
         return self._append(cube_id, tenant, None, events, expected_version=0)
 
+    @collection_paused()  # thousands of events alive at once: see eventstore._gc
     def add_many(self, memories: Sequence[Mapping[str, Any]], *,
                  tenant: str) -> list[MemoryState]:
         """Add several memories (imports): each a mapping with ``text``, ``owner`` and optional
