@@ -57,12 +57,11 @@ from sqlalchemy import (
     Table,
 )
 
-from eventstore._dialects import dialect_named
 from eventstore._driver import DriverConnection, in_list, select_sql, upsert_sql
 from eventstore._envelope import StoredEvent, canonical_json, event_hash
 from eventstore._errors import EventStoreError, TransientConflict
 from eventstore._schema import UTCDateTime
-from eventstore._store import _COLUMNS, EventStore, _translated_errors
+from eventstore._store import _COLUMNS, EventStore, _translated_errors, schema_setup
 
 logger = logging.getLogger("memwarden.kafka")
 
@@ -236,8 +235,8 @@ def applied_through(conn: Connection, consumer: str, after: int, up_to: int) -> 
 
 
 def create_kafka_schema(engine: Engine) -> None:
-    with _translated_errors(), engine.begin() as conn:
-        dialect_named(conn.dialect.name).lock_for_schema_setup(conn)  # (processes start together)
+    # Processes start together, and one may be rebuilding read models after an upgrade.
+    with _translated_errors(), schema_setup(engine) as conn:
         metadata.create_all(conn)
 
 

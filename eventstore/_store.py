@@ -22,7 +22,7 @@ from sqlalchemy import exc as sa_exc
 
 from eventstore import _dialects
 from eventstore._codec import PayloadCodec
-from eventstore._dialects import Dialect, dialect_for
+from eventstore._dialects import Dialect, dialect_for, dialect_named
 from eventstore._driver import DriverConnection, in_list, insert_sql, select_sql
 from eventstore._envelope import (
     GENESIS_HASH,
@@ -156,50 +156,9 @@ class EventStore:
 
     @contextmanager
     def schema_setup(self) -> Iterator[Connection]:
-        """A transaction holding the schema-setup lock, for what opening a database creates or
-        upgrades (tables, triggers, read models built at another revision).
-
-        It waits for another process's setup as long as that takes, up to
-        ``SCHEMA_SETUP_PATIENCE_SECONDS``: the read-model rebuild after an upgrade runs for
-        minutes at 10^6 events. PostgreSQL's advisory lock waits without a timeout; SQLite's
-        write lock is asked for again each time the busy timeout runs out, with a warning, so a
-        process started beside the one upgrading waits for it instead of failing with
-        "database is locked"."""
-        deadline = time.monotonic() + SCHEMA_SETUP_PATIENCE_SECONDS
-        warned = False
-        while True:
-            with self.write_connection() as conn:
-                transaction = self._begin_setup(conn, deadline)
-                if transaction is None:
-                    if not warned:
-                        logger.warning("waiting for another process holding the database's "
-                                       "write lock (setting it up, or rebuilding read models "
-                                       "after an upgrade)")
-                        warned = True
-                    continue
-                with transaction:
-                    self.dialect.lock_for_schema_setup(conn)
-                    yield conn
-                return
-
-    def _begin_setup(self, conn: Connection, deadline: float) -> RootTransaction | None:
-        """``conn.begin()``, or None if SQLite's write lock stayed busy for a whole attempt
-        before ``deadline`` (try again)."""
-        if self.dialect.name != "sqlite":
-            return conn.begin()
-        driver = conn.connection.dbapi_connection
-        assert driver is not None
-        attempt = min(_dialects.SQLITE_BUSY_TIMEOUT_MS, SCHEMA_SETUP_ATTEMPT_MS)
-        driver.execute(f"PRAGMA busy_timeout={attempt}")
-        try:
-            return conn.begin()
-        except sa_exc.OperationalError as error:
-            busy = getattr(error.orig, "sqlite_errorname", None) == "SQLITE_BUSY"
-            if not busy or time.monotonic() >= deadline:
-                raise
-            return None
-        finally:
-            driver.execute(f"PRAGMA busy_timeout={_dialects.SQLITE_BUSY_TIMEOUT_MS}")
+        """``schema_setup`` (below) on this store's database."""
+        with schema_setup(self.engine) as conn:
+            yield conn
 
     # -- writing ---------------------------------------------------------------------------
 
@@ -494,6 +453,58 @@ class EventStore:
         row["occurred_at"] = self.dialect.from_db_time(row["occurred_at"])
         row["recorded_at"] = self.dialect.from_db_time(row["recorded_at"])
         return row
+
+
+@contextmanager
+def schema_setup(engine: Engine) -> Iterator[Connection]:
+    """A transaction holding the schema-setup lock, for what opening a database creates or
+    upgrades (tables, triggers, read models built at another revision, a Kafka consumer's
+    offsets and claims).
+
+    It waits for another process's setup as long as that takes, up to
+    ``SCHEMA_SETUP_PATIENCE_SECONDS``: the read-model rebuild after an upgrade runs for minutes
+    at 10^6 events. PostgreSQL's advisory lock waits without a timeout; SQLite's write lock is
+    asked for again each time the busy timeout runs out, with a warning, so a process started
+    beside the one upgrading waits for it instead of failing with "database is locked"."""
+    dialect = dialect_named(engine.dialect.name)
+    deadline = time.monotonic() + SCHEMA_SETUP_PATIENCE_SECONDS
+    warned = False
+    while True:
+        with engine.connect() as conn:
+            if dialect.name == "sqlite":
+                conn.execution_options(sqlite_begin="IMMEDIATE")
+            transaction = _begin_setup(conn, dialect, deadline)
+            if transaction is None:
+                if not warned:
+                    logger.warning("waiting for another process holding the database's write "
+                                   "lock (setting it up, or rebuilding read models after an "
+                                   "upgrade)")
+                    warned = True
+                continue
+            with transaction:
+                dialect.lock_for_schema_setup(conn)
+                yield conn
+            return
+
+
+def _begin_setup(conn: Connection, dialect: Dialect, deadline: float) -> RootTransaction | None:
+    """``conn.begin()``, or None if SQLite's write lock stayed busy for a whole attempt before
+    ``deadline`` (try again)."""
+    if dialect.name != "sqlite":
+        return conn.begin()
+    driver = conn.connection.dbapi_connection
+    assert driver is not None
+    attempt = min(_dialects.SQLITE_BUSY_TIMEOUT_MS, SCHEMA_SETUP_ATTEMPT_MS)
+    driver.execute(f"PRAGMA busy_timeout={attempt}")
+    try:
+        return conn.begin()
+    except sa_exc.OperationalError as error:
+        busy = getattr(error.orig, "sqlite_errorname", None) == "SQLITE_BUSY"
+        if not busy or time.monotonic() >= deadline:
+            raise
+        return None
+    finally:
+        driver.execute(f"PRAGMA busy_timeout={_dialects.SQLITE_BUSY_TIMEOUT_MS}")
 
 
 def _stream_versions(db: DriverConnection, stream_ids: Sequence[str]) -> dict[str, int]:

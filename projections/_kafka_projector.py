@@ -63,7 +63,7 @@ from eventstore._kafka import (
     reset_consumers,
 )
 from eventstore._kafka import metadata as kafka_metadata
-from eventstore._store import _translated_errors
+from eventstore._store import _translated_errors, schema_setup
 from projections._readmodels import Projection, default_projections
 from projections._runner import (
     ProgressCallback,
@@ -126,8 +126,7 @@ class KafkaFedRunner(ProjectionRunner):
 
     def create_schema(self) -> None:
         super().create_schema()
-        with self.store.write_connection() as conn, conn.begin():
-            self.store.dialect.lock_for_schema_setup(conn)
+        with self.store.schema_setup() as conn:
             _create_kafka_tables(conn)
 
     def _upgrade(self, conn: Connection, outdated: Mapping[str, int]) -> None:
@@ -259,8 +258,7 @@ class KafkaProjector:
                                       verify_timeout=verify_timeout, on_reset=self.claim)
 
     def create_schema(self) -> None:
-        with self.target.begin() as conn:
-            dialect_named(conn.dialect.name).lock_for_schema_setup(conn)
+        with _translated_errors(), schema_setup(self.target) as conn:
             metadata.create_all(conn)
             for projection in self.projections:
                 for table in projection.tables:
@@ -272,38 +270,35 @@ class KafkaProjector:
         re-creates them empty and drops this consumer's offsets, so it builds them from the
         beginning of the topic."""
         mine = {p.name for p in self.projections}
-        with _translated_errors(), self.target.connect() as conn:
-            if conn.dialect.name == "sqlite":
-                conn.execution_options(sqlite_begin="IMMEDIATE")
-            with conn.begin():
-                dialect_named(conn.dialect.name).lock_for_schema_setup(conn)
-                _create_kafka_tables(conn)
-                claims = _claims(conn)
-                others = {name: owner for name, owner in claims.items()
-                          if name in mine and owner != self.name}
-                if others:
-                    raise ReadModelClaimed(
-                        f"consumer {self.name!r} cannot maintain "
-                        + ", ".join(f"{name} (maintained by consumer {owner!r})"
-                                    for name, owner in sorted(others.items()))
-                        + ": leave them out (--except), or stop that consumer and run "
-                          "`memwarden projections rebuild` on them to release them")
-                held = {name for name, owner in claims.items() if owner == self.name}
-                if held and held != mine:
-                    raise ReadModelClaimed(
-                        f"consumer {self.name!r} maintains {', '.join(sorted(held))}, not "
-                        f"{', '.join(sorted(mine))}: to change what it maintains, stop it and "
-                        f"run `memwarden projections rebuild {' '.join(sorted(held))}`, or "
-                        "start the new set under another --name")
-                if held and not self._outdated(conn):
-                    return
-                reset_consumers(conn, [self.name])  # (first: holds its batches off)
-                for projection in self.projections:
-                    projection.recreate(conn)
-                record_revisions(conn, self.projections)
-                if not held:
-                    DriverConnection(conn).executemany(
-                        _INSERT_CLAIM, [(name, self.name) for name in sorted(mine)])
+        # What opening does: waits out another process's setup or upgrade rebuild.
+        with _translated_errors(), schema_setup(self.target) as conn:
+            _create_kafka_tables(conn)
+            claims = _claims(conn)
+            others = {name: owner for name, owner in claims.items()
+                      if name in mine and owner != self.name}
+            if others:
+                raise ReadModelClaimed(
+                    f"consumer {self.name!r} cannot maintain "
+                    + ", ".join(f"{name} (maintained by consumer {owner!r})"
+                                for name, owner in sorted(others.items()))
+                    + ": leave them out (--except), or stop that consumer and run "
+                      "`memwarden projections rebuild` on them to release them")
+            held = {name for name, owner in claims.items() if owner == self.name}
+            if held and held != mine:
+                raise ReadModelClaimed(
+                    f"consumer {self.name!r} maintains {', '.join(sorted(held))}, not "
+                    f"{', '.join(sorted(mine))}: to change what it maintains, stop it and "
+                    f"run `memwarden projections rebuild {' '.join(sorted(held))}`, or "
+                    "start the new set under another --name")
+            if held and not self._outdated(conn):
+                return
+            reset_consumers(conn, [self.name])  # (first: holds its batches off)
+            for projection in self.projections:
+                projection.recreate(conn)
+            record_revisions(conn, self.projections)
+            if not held:
+                DriverConnection(conn).executemany(
+                    _INSERT_CLAIM, [(name, self.name) for name in sorted(mine)])
         self.building = True
         logger.info("consumer %s now maintains %s, from the beginning of the topic", self.name,
                     sorted(mine))

@@ -18,6 +18,7 @@ the Kafka-fed read models with the SQL-fed ones (equal digests, equal state):
 from __future__ import annotations
 
 import json
+import logging
 import signal
 import sqlite3
 import subprocess
@@ -47,7 +48,7 @@ from pg_statistics import analyzed_tables, estimated_rows
 from sqlalchemy import Connection, create_engine, func, select
 from tansu_broker import TansuBroker
 
-from eventstore import EventStore, StoredEvent
+from eventstore import EventStore, StoredEvent, _dialects, _store
 from eventstore._kafka import (
     CorruptRecord,
     KafkaConsumerLoop,
@@ -515,4 +516,37 @@ def test_a_read_model_fed_from_kafka_must_not_depend_on_cross_stream_order(
         finally:
             fed.close()  # its client's I/O thread must not outlive the test
     finally:
+        store.close()
+
+
+@pytest.mark.parametrize("starting", ["consumer", "offsets' tables"])
+def test_a_kafka_process_started_during_another_ones_upgrade_waits_for_it(
+        tmp_path: Path, broker: TansuBroker, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture, starting: str) -> None:
+    """Another process holds SQLite's write lock longer than the busy timeout (an upgrade's
+    read-model rebuild: minutes at 10^6 events). A consumer started meanwhile (its read models'
+    tables, its claim, its offsets' tables) waits for it as opening a store does, rather than
+    failing with "database is locked"."""
+    path = tmp_path / "memwarden.db"
+    url = f"sqlite:///{path}"
+    EventStore.open(url).close()
+    monkeypatch.setattr(_dialects, "SQLITE_BUSY_TIMEOUT_MS", 300)  # stands for the 60 s
+    monkeypatch.setattr(_store, "SCHEMA_SETUP_ATTEMPT_MS", 100)
+    store = EventStore.open(url)
+    upgrading = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    upgrading.execute("BEGIN IMMEDIATE")
+    released = threading.Timer(1.5, upgrading.rollback)
+    released.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="memwarden.eventstore"):
+            started = time.monotonic()
+            if starting == "consumer":
+                KafkaProjector(store, kafka(broker), projections=kafka_projections()).close()
+            else:
+                create_kafka_schema(store.engine)
+        assert time.monotonic() - started >= 1.0  # it did wait for the lock
+        assert "waiting for another process holding the database's write lock" in caplog.text
+    finally:
+        released.join()
+        upgrading.close()
         store.close()
