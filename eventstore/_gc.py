@@ -9,9 +9,10 @@ models, that walking was 40% of the time.
 
 None of it finds anything: events, payloads and rows hold no reference cycles, and reference
 counting frees them as each batch ends (``gc.collect()`` after a paused rebuild of 20,000 events
-and three batches of 1,000 appends found 0 unreachable objects). So the bulk paths run with automatic collection paused.
-It resumes when the last of them ends (they may overlap, in threads), and whatever cyclic garbage
-other code made meanwhile is collected then, by the next automatic collection, as usual.
+and three batches of 1,000 appends found 0 unreachable objects). So the bulk paths run with
+automatic collection paused. It resumes when the last of them ends (they may overlap, in
+threads), and whatever cyclic garbage other code made meanwhile is collected then, by the next
+automatic collection, as usual.
 """
 
 from __future__ import annotations
