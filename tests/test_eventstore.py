@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from log_tampering import delete_event, overwrite_column
 from sqlalchemy import create_engine, text
 from sqlalchemy import exc as sa_exc
+from sqlite_locks import shorten_sqlite_waits, write_lock_held
 
 from eventstore import (
     ANY_VERSION,
@@ -42,7 +43,6 @@ from eventstore import (
     StreamAppend,
     UpcastError,
     Upcasters,
-    _dialects,
     _store,
     canonical_json,
 )
@@ -689,28 +689,20 @@ def test_opening_waits_out_a_sqlite_write_lock_held_past_the_busy_timeout(
     it, saying so, rather than failing with "database is locked"."""
     path = tmp_path / "memwarden.db"
     EventStore.open(f"sqlite:///{path}").close()
-    monkeypatch.setattr(_dialects, "SQLITE_BUSY_TIMEOUT_MS", 300)  # stands for the 60 s
-    monkeypatch.setattr(_store, "SCHEMA_SETUP_ATTEMPT_MS", 100)
-    upgrading = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    upgrading.execute("BEGIN IMMEDIATE")
-    released = threading.Timer(1.5, upgrading.rollback)
-    released.start()
+    shorten_sqlite_waits(monkeypatch)
+    with write_lock_held(path, seconds=1.5), caplog.at_level(logging.WARNING,
+                                                             logger="memwarden.eventstore"):
+        started = time.monotonic()
+        store = EventStore.open(f"sqlite:///{path}")
     try:
-        with caplog.at_level(logging.WARNING, logger="memwarden.eventstore"):
-            started = time.monotonic()
-            store = EventStore.open(f"sqlite:///{path}")
-        try:
-            assert time.monotonic() - started >= 1.0  # it did wait for the lock
-            assert "waiting for another process holding the database's write lock" in caplog.text
-            store.append("s", [note()], expected_version=0, context=CONTEXT)
-            assert store.head_position() == 1
-            with store.engine.connect() as conn:  # the pooled connection's own timeout is back
-                assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 300
-        finally:
-            store.close()
+        assert time.monotonic() - started >= 1.0  # it did wait for the lock
+        assert "waiting for another process holding the database's write lock" in caplog.text
+        store.append("s", [note()], expected_version=0, context=CONTEXT)
+        assert store.head_position() == 1
+        with store.engine.connect() as conn:  # the pooled connection's own timeout is back
+            assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar_one() == 300
     finally:
-        released.join()
-        upgrading.close()
+        store.close()
 
 
 def test_opening_gives_up_on_a_sqlite_write_lock_held_past_its_patience(

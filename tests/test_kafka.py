@@ -46,9 +46,10 @@ from kafka_fixtures import (
 )
 from pg_statistics import analyzed_tables, estimated_rows
 from sqlalchemy import Connection, create_engine, func, select
+from sqlite_locks import shorten_sqlite_waits, write_lock_held
 from tansu_broker import TansuBroker
 
-from eventstore import EventStore, StoredEvent, _dialects, _store
+from eventstore import EventStore, StoredEvent
 from eventstore._kafka import (
     CorruptRecord,
     KafkaConsumerLoop,
@@ -528,17 +529,11 @@ def test_a_kafka_process_started_during_another_ones_upgrade_waits_for_it(
     tables, its claim, its offsets' tables) waits for it as opening a store does, rather than
     failing with "database is locked"."""
     path = tmp_path / "memwarden.db"
-    url = f"sqlite:///{path}"
-    EventStore.open(url).close()
-    monkeypatch.setattr(_dialects, "SQLITE_BUSY_TIMEOUT_MS", 300)  # stands for the 60 s
-    monkeypatch.setattr(_store, "SCHEMA_SETUP_ATTEMPT_MS", 100)
-    store = EventStore.open(url)
-    upgrading = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-    upgrading.execute("BEGIN IMMEDIATE")
-    released = threading.Timer(1.5, upgrading.rollback)
-    released.start()
+    shorten_sqlite_waits(monkeypatch)
+    store = EventStore.open(f"sqlite:///{path}")
     try:
-        with caplog.at_level(logging.WARNING, logger="memwarden.eventstore"):
+        with write_lock_held(path, seconds=1.5), caplog.at_level(logging.WARNING,
+                                                                 logger="memwarden.eventstore"):
             started = time.monotonic()
             if starting == "consumer":
                 KafkaProjector(store, kafka(broker), projections=kafka_projections()).close()
@@ -547,6 +542,4 @@ def test_a_kafka_process_started_during_another_ones_upgrade_waits_for_it(
         assert time.monotonic() - started >= 1.0  # it did wait for the lock
         assert "waiting for another process holding the database's write lock" in caplog.text
     finally:
-        released.join()
-        upgrading.close()
         store.close()
