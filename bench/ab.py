@@ -52,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=int, default=3,
                         help="alternating runs of each side (default 3)")
     args = parser.parse_args(argv)
+    if args.runs < 1 or args.memories < 1:
+        parser.error("--runs and --memories must be at least 1")
     console = Console()
     with ExitStack() as stack:
         scratch = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="memwarden-ab-")))
