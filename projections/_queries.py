@@ -10,9 +10,11 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, select
 
-from projections._readmodels import state_from_row
+from eventstore._dialects import Dialect
+from eventstore._driver import DriverConnection, select_sql
+from projections._readmodels import STATE_COLUMNS, state_from_row, state_from_values
 from projections._state import COLD_ARCHIVE, EXPIRED, MemoryState
-from projections._tables import audit, cube_labels, cubes, reads, usage, versions
+from projections._tables import audit, cube_labels, cubes, reads, usage
 
 MAX_PAGE = 1000
 
@@ -68,6 +70,17 @@ class CubeFilter:
     """Expired and cold-archived memories too (by default a listing leaves them out)."""
 
 
+_SELECT_CUBE = f"{select_sql('cubes', STATE_COLUMNS)} WHERE cube_id = ?"
+_VERSION_ROWS = select_sql("versions", (*STATE_COLUMNS, "reason"))
+_SELECT_VERSIONS = f"{_VERSION_ROWS} WHERE cube_id = ? ORDER BY version"
+_SELECT_VERSION = f"{_VERSION_ROWS} WHERE cube_id = ? AND version = ?"
+
+
+def _version(row: Sequence[Any], dialect: Dialect) -> Version:
+    """A row of ``_SELECT_VERSIONS``: the state's columns, then the reason."""
+    return Version(state_from_values(row[:-1], dialect), row[-1])
+
+
 def _check_limit(limit: int) -> None:
     if not 1 <= limit <= MAX_PAGE:
         raise ValueError(f"limit must be between 1 and {MAX_PAGE}")
@@ -77,10 +90,15 @@ class ReadModels:
     def __init__(self, engine: Engine):
         self.engine = engine
 
+    # Every get and history reads these, so they go straight to the driver (see
+    # eventstore._driver): through Core, building the statement and its result cost more than
+    # the lookup.
+
     def cube(self, cube_id: str) -> MemoryState | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(cubes).where(cubes.c.cube_id == cube_id)).mappings().first()
-        return state_from_row(row) if row else None
+            db = DriverConnection(conn)
+            row = db.execute(_SELECT_CUBE, (cube_id,)).fetchone()
+            return state_from_values(row, db.dialect) if row else None
 
     def cubes(self, where: CubeFilter, *, after: str | None = None,
               limit: int = 100) -> list[MemoryState]:
@@ -105,15 +123,15 @@ class ReadModels:
 
     def versions(self, cube_id: str) -> list[Version]:
         with self.engine.connect() as conn:
-            rows = conn.execute(select(versions).where(versions.c.cube_id == cube_id)
-                                .order_by(versions.c.version)).mappings().all()
-        return [Version(state_from_row(row), row["reason"]) for row in rows]
+            db = DriverConnection(conn)
+            rows = db.execute(_SELECT_VERSIONS, (cube_id,)).fetchall()
+            return [_version(row, db.dialect) for row in rows]
 
     def version(self, cube_id: str, number: int) -> Version | None:
         with self.engine.connect() as conn:
-            row = conn.execute(select(versions).where(
-                versions.c.cube_id == cube_id, versions.c.version == number)).mappings().first()
-        return Version(state_from_row(row), row["reason"]) if row else None
+            db = DriverConnection(conn)
+            row = db.execute(_SELECT_VERSION, (cube_id, number)).fetchone()
+            return _version(row, db.dialect) if row else None
 
     def usage(self, cube_id: str) -> Usage:
         with self.engine.connect() as conn:

@@ -56,17 +56,17 @@ _CONTENT_KEYS = frozenset({"content", "text"})
 
 # Projections run inside every write, so their statements go straight to the driver (see
 # eventstore._driver); the rows below name their columns in the order the values are built.
-_STATE_COLUMNS = (
+STATE_COLUMNS = (
     "cube_id", "tenant", "owner", "kind", "text", "metadata", "version", "state", "created_at",
     "created_by", "updated_at", "updated_by", "position", "last_event", "changed", "tier",
 )
-_SELECT_CUBES = f"{select_sql('cubes', _STATE_COLUMNS)} WHERE cube_id IN {{keys}}"
-_UPSERT_CUBE = upsert_sql("cubes", _STATE_COLUMNS, key=("cube_id",))
+_SELECT_CUBES = f"{select_sql('cubes', STATE_COLUMNS)} WHERE cube_id IN {{keys}}"
+_UPSERT_CUBE = upsert_sql("cubes", STATE_COLUMNS, key=("cube_id",))
 _DELETE_LABELS = "DELETE FROM cube_labels WHERE cube_id = ?"
 _INSERT_LABEL = insert_sql("cube_labels", ("cube_id", "label"))
 
-_SELECT_VERSIONS = f"{select_sql('versions', _STATE_COLUMNS)} WHERE (cube_id, version) IN {{keys}}"
-_INSERT_VERSION = insert_sql("versions", (*_STATE_COLUMNS, "reason"))
+_SELECT_VERSIONS = f"{select_sql('versions', STATE_COLUMNS)} WHERE (cube_id, version) IN {{keys}}"
+_INSERT_VERSION = insert_sql("versions", (*STATE_COLUMNS, "reason"))
 _RESTORE_CUBE_TEXT = "UPDATE cubes SET text = ? WHERE cube_id = ?"
 
 # Lifecycle moves (a retention sweep appends one per due memory) carry no content: the new row
@@ -80,15 +80,15 @@ _MOVE_EXPRESSIONS = {
     "state": "COALESCE(?, state)", "tier": "COALESCE(?, tier)",
     "text": "CASE WHEN ? THEN '' ELSE text END",
 }
-_CUBE_MOVE_PARAMS = tuple(name for name in _STATE_COLUMNS if name in _MOVE_EXPRESSIONS)
+_CUBE_MOVE_PARAMS = tuple(name for name in STATE_COLUMNS if name in _MOVE_EXPRESSIONS)
 _UPDATE_CUBE_MOVE = (
     f"UPDATE cubes SET {', '.join(f'{n} = {_MOVE_EXPRESSIONS[n]}' for n in _CUBE_MOVE_PARAMS)} "
     "WHERE cube_id = ?"
 )
 _VERSION_MOVE_PARAMS = (*_CUBE_MOVE_PARAMS, "reason")
 _INSERT_VERSION_MOVE = (
-    f"INSERT INTO versions ({', '.join((*_STATE_COLUMNS, 'reason'))}) SELECT "
-    f"{', '.join(_MOVE_EXPRESSIONS.get(name, name) for name in _STATE_COLUMNS)}, ? "
+    f"INSERT INTO versions ({', '.join((*STATE_COLUMNS, 'reason'))}) SELECT "
+    f"{', '.join(_MOVE_EXPRESSIONS.get(name, name) for name in STATE_COLUMNS)}, ? "
     "FROM versions WHERE cube_id = ? "
     "AND version = (SELECT MAX(version) FROM versions WHERE cube_id = ?)"
 )
@@ -160,7 +160,7 @@ class Projection(ABC):
 
 
 def state_values(state: MemoryState, dialect: Dialect) -> tuple[Any, ...]:
-    """``state`` as the driver takes it, in ``_STATE_COLUMNS`` order."""
+    """``state`` as the driver takes it, in ``STATE_COLUMNS`` order."""
     return (
         state.cube_id, state.tenant, state.owner, state.kind, state.text,
         canonical_json(state.metadata), state.version, state.state,
@@ -177,7 +177,7 @@ def _changed_json(changed: tuple[str, ...]) -> str:
 
 
 def state_from_values(values: Sequence[Any], dialect: Dialect) -> MemoryState:
-    """A row of ``_STATE_COLUMNS`` as the driver returns it."""
+    """A row of ``STATE_COLUMNS`` as the driver returns it."""
     (cube_id, tenant, owner, kind, text, metadata, version, state, created_at, created_by,
      updated_at, updated_by, position, last_event, changed, tier) = values
     return MemoryState(
