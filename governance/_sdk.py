@@ -395,15 +395,13 @@ class MemWarden:
         return self._backend.reads.usage(cube_id)
 
     def history(self, cube_id: str) -> list[Version]:
-        self._visible(cube_id, "memory.history")
-        _retention.refuse_if_archived(self._readable(cube_id))
+        _retention.refuse_if_archived(self._readable(cube_id, first="memory.history"))
         found = self._backend.reads.versions(cube_id)
         shown = self.redact([v.state for v in found])
         return [replace(v, state=s) for v, s in zip(found, shown, strict=True)]
 
     def version(self, cube_id: str, number: int) -> Version:
-        self._visible(cube_id, "memory.history")
-        _retention.refuse_if_archived(self._readable(cube_id))
+        _retention.refuse_if_archived(self._readable(cube_id, first="memory.history"))
         found = self._backend.reads.version(cube_id, number)
         if found is None:
             raise VersionNotFound(f"memory {cube_id} has no version {number}")
@@ -652,12 +650,12 @@ class MemWarden:
     def backend(self) -> _Backend:
         return self._backend
 
-    def _readable(self, cube_id: str) -> MemoryState:
-        """The memory's current state, if the principal may read its content."""
-        state = self._backend.reads.cube(cube_id)
-        if state is None:
-            raise NotFound(f"no memory with id {cube_id!r}")
-        self.require("memory.read_content", Resource.of_memory(state))
+    def _readable(self, cube_id: str, *, first: str | None = None) -> MemoryState:
+        """The memory's current state, if the principal may read its content, and do ``first``
+        (checked first: a denial names it)."""
+        state = self._visible(cube_id, first or "memory.read_content")
+        if first is not None:
+            self.require("memory.read_content", Resource.of_memory(state))
         return state
 
     def _visible(self, cube_id: str, action: str) -> MemoryState:
