@@ -64,13 +64,9 @@ class MemWardenSubject:
     def close(self) -> None:
         self._mw.close()
 
+    @collection_paused()  # as MemWarden.add_many runs: see eventstore._gc
     def _append(self, start: int, count: int, *, project: bool) -> list[str]:
-        """One transaction creating ``count`` memories, each its own stream (and MemCube); with
-        cyclic garbage collection paused, as ``MemWarden.add_many`` runs."""
-        with collection_paused():
-            return self._append_paused(start, count, project=project)
-
-    def _append_paused(self, start: int, count: int, *, project: bool) -> list[str]:
+        """One transaction creating ``count`` memories, each its own stream (and MemCube)."""
         limits = Limits()
         appends = [
             StreamAppend(

@@ -58,8 +58,7 @@ class ProjectionRunner:
                 conn.execute(insert(checkpoints), missing)
             outdated = outdated_revisions(conn, self.projections, built=known)
             if outdated:
-                with collection_paused():
-                    self._upgrade(conn, outdated)
+                self._upgrade(conn, outdated)
 
     def _upgrade(self, conn: Connection, outdated: Mapping[str, int]) -> None:
         """Rebuild the read models ``outdated`` names (with the revision each was built at), in
@@ -134,10 +133,11 @@ class ProjectionRunner:
         unknown = set(names or ()) - {p.name for p in chosen}
         if unknown:
             raise ValueError(f"unknown projections: {sorted(unknown)}")
-        with collection_paused(), self.store.write_connection() as conn, conn.begin():
+        with self.store.write_connection() as conn, conn.begin():
             return self._rebuild_in(conn, chosen, batch_size=batch_size,
                                     on_progress=on_progress)
 
+    @collection_paused()  # the whole log replayed: see eventstore._gc
     def _rebuild_in(self, conn: Connection, chosen: Sequence[Projection], *,
                     recreate: bool = False, batch_size: int = 5000,
                     on_progress: ProgressCallback | None = None) -> int:
