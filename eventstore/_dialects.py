@@ -23,8 +23,10 @@ APPEND_ONLY_MESSAGE = "events are append-only"
 SQLITE_BUSY_TIMEOUT_MS = 60_000
 """How long a SQLite connection waits for another one's write lock before "database is locked"."""
 
-_SCHEMA_SETUP_LOCK = 0x6D656D7761726465
-"""PostgreSQL advisory lock key ("memwarde" in ASCII) held while a store sets up its schema."""
+_SCHEMA_SETUP_LOCK_SPACE = 0x6D656D77
+"""First key ("memw" in ASCII) of the PostgreSQL advisory lock held while a store sets up its
+schema; the second is a hash of the schema's name, so deployments in other schemas of the same
+database (another tenant's, a test's) never wait for each other's setup or upgrade."""
 
 _APPEND_ONLY_TRIGGERS = ("events_no_update_or_delete", "events_no_truncate")
 _TRIGGER_REVISION = "memwarden append-only triggers, revision 2"
@@ -157,7 +159,9 @@ class PostgresDialect(Dialect):
         # Held until the transaction ends. Without it, stores opened at the same moment race:
         # both create the table, or both replace the trigger function ("tuple concurrently
         # updated").
-        conn.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": _SCHEMA_SETUP_LOCK})
+        conn.execute(text("SELECT pg_advisory_xact_lock(:space, "
+                          "hashtext(coalesce(current_schema(), '')))"),
+                     {"space": _SCHEMA_SETUP_LOCK_SPACE})
 
     def install_append_only_triggers(self, conn: Connection) -> None:
         self.lock_for_schema_setup(conn)  # again, for a caller that installs only the triggers

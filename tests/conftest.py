@@ -11,6 +11,7 @@ import os
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -54,19 +55,33 @@ def _schema_url(base: str, schema: str) -> str:
         hide_password=False)
 
 
-@pytest.fixture
-def postgres_url(postgres_server: str) -> Iterator[str]:
-    """A URL whose connections see only a new, empty schema."""
+@contextmanager
+def _fresh_schema(server: str) -> Iterator[str]:
+    """A URL whose connections see only a new, empty schema, dropped afterwards."""
     schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = create_engine(postgres_server, isolation_level="AUTOCOMMIT")
+    admin = create_engine(server, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:
         conn.execute(text(f'CREATE SCHEMA "{schema}"'))
     try:
-        yield _schema_url(postgres_server, schema)
+        yield _schema_url(server, schema)
     finally:
         with admin.connect() as conn:
             conn.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
         admin.dispose()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: str) -> Iterator[str]:
+    """A URL whose connections see only a new, empty schema."""
+    with _fresh_schema(postgres_server) as url:
+        yield url
+
+
+@pytest.fixture
+def other_postgres_url(postgres_server: str) -> Iterator[str]:
+    """Another schema of the same database, beside ``postgres_url``'s (another deployment)."""
+    with _fresh_schema(postgres_server) as url:
+        yield url
 
 
 @pytest.fixture

@@ -619,7 +619,15 @@ def test_positions_stay_gap_free_under_concurrent_processes(
     try:
         for process in processes:
             process.start()
-        ready.wait(timeout=120)
+        try:
+            ready.wait(timeout=120)
+        except threading.BrokenBarrierError:
+            time.sleep(1)  # a worker that failed is reporting why
+            all_reported()
+            pytest.fail("the workers did not all start appending:\n"
+                        + "\n".join(detail for status, detail in outcomes if status != "ok")
+                        + "\nsessions of the database meanwhile:\n"
+                        + "\n".join(_postgres_sessions(postgres_url)))
         seen = tail_without_gaps(store, all_reported)
         for process in processes:
             process.join(timeout=60)
@@ -635,6 +643,19 @@ def test_positions_stay_gap_free_under_concurrent_processes(
         results.close()
         results.join_thread()
         store.close()
+
+
+def _postgres_sessions(url: str) -> list[str]:
+    """The other sessions of the database: what each runs, waits on, and who blocks it."""
+    watcher = create_engine(url)
+    try:
+        with watcher.connect() as conn:
+            return [" | ".join(map(str, row)) for row in conn.execute(text(
+                "SELECT pid, state, wait_event_type, wait_event, pg_blocking_pids(pid), "
+                "left(query, 160) FROM pg_stat_activity "
+                "WHERE datname = current_database() AND pid <> pg_backend_pid()"))]
+    finally:
+        watcher.dispose()
 
 
 # -- duplicate event ids, stores opened concurrently ---------------------------------------
@@ -680,6 +701,33 @@ def test_stores_opened_concurrently_on_one_postgres_schema_all_work(postgres_url
 
     assert failures == []
     assert len(opened) == 1
+
+
+def test_a_schema_setup_never_waits_for_one_in_another_schema_of_the_database(
+        postgres_url: str, other_postgres_url: str) -> None:
+    """Two deployments in one PostgreSQL database: one's long setup (an upgrade's rebuild)
+    holds the setup lock of its own schema only."""
+    EventStore.open(postgres_url).close()
+    upgrading = create_engine(postgres_url)
+    appended: list[int] = []
+
+    def open_and_append() -> None:
+        other = EventStore.open(other_postgres_url)
+        try:
+            appended.extend(e.position for e in other.append(
+                "s", [note()], expected_version=0, context=CONTEXT))
+        finally:
+            other.close()
+
+    try:
+        with _store.schema_setup(upgrading):
+            beside = threading.Thread(target=open_and_append, daemon=True)
+            beside.start()
+            beside.join(timeout=30)
+            assert not beside.is_alive(), "the other schema's store waited for this setup"
+    finally:
+        upgrading.dispose()
+    assert appended == [1]
 
 
 def test_opening_waits_out_a_sqlite_write_lock_held_past_the_busy_timeout(
