@@ -600,21 +600,14 @@ class KafkaEventSource:
             state.last_activity = time.monotonic()
             for message in messages:
                 record = _record_of(tp.partition, message)
+                replaced = _sign_of_replacement(state, record)
+                if replaced is not None:
+                    self._replaced(consumer, TopicPartition(self.settings.topic, tp.partition),
+                                   state, replaced)
+                    break
                 if state.verifying_since is not None:
-                    if (record.offset == state.mark.next_offset - 1
-                            and str(record.event.event_id) == state.mark.last_event_id):
-                        state.verifying_since = None  # the log is the one we read
-                        continue
-                    self._replaced(consumer, TopicPartition(self.settings.topic, tp.partition),
-                                   state, f"offset {state.mark.next_offset - 1} holds another "
-                                          "event than the one applied there")
-                    break
-                if (state.mark.topic_id is not None and record.topic_id is not None
-                        and record.topic_id != state.mark.topic_id):
-                    self._replaced(consumer, TopicPartition(self.settings.topic, tp.partition),
-                                   state, f"records now come from topic incarnation "
-                                          f"{record.topic_id}, not {state.mark.topic_id}")
-                    break
+                    state.verifying_since = None  # the log is the one we read
+                    continue
                 state.mark = PartitionMark(record.offset + 1, str(record.event.event_id),
                                            record.topic_id)
                 accepted.append(record)
@@ -730,6 +723,21 @@ class KafkaEventSource:
         state.verifying_since = None
         state.last_activity = time.monotonic()
         consumer.seek_to_beginning(tp)
+
+
+def _sign_of_replacement(state: _PartitionState, record: KafkaRecord) -> str | None:
+    """Why ``record`` shows that the partition's log is not the one read up to its mark, or
+    None. The incarnation is checked first, on the record a check reads too: a new log can hold
+    the very event applied last at the very offset it was read from (a re-seed with another
+    partition count, say) while the records before it differ."""
+    mark = state.mark
+    if (mark.topic_id is not None and record.topic_id is not None
+            and record.topic_id != mark.topic_id):
+        return f"records now come from topic incarnation {record.topic_id}, not {mark.topic_id}"
+    if state.verifying_since is not None and (record.offset != mark.next_offset - 1
+                                              or str(record.event.event_id) != mark.last_event_id):
+        return f"offset {mark.next_offset - 1} holds another event than the one applied there"
+    return None
 
 
 def _record_of(partition: int, message: Any) -> KafkaRecord:

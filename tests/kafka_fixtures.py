@@ -27,6 +27,7 @@ from eventstore import ANY_VERSION, EventContext, EventStore, NewEvent, StreamAp
 from governance._config import Settings
 from governance._memcube import Limits, MemCube
 from projections import default_projections
+from projections._kafka_projector import KafkaProjector
 from projections._readmodels import Projection
 
 MEMORY_ACCESSED = "MemoryAccessed"
@@ -58,8 +59,31 @@ def kafka_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def broker(tmp_path: Path) -> Iterator[TansuBroker]:
     with TansuBroker(tmp_path / "tansu.log") as running:
-        yield running
+        try:
+            yield running
+        finally:
+            close_clients_left_open()
     gc.collect()  # a socket left open by a client would warn now, in this test
+
+
+def close_clients_left_open() -> list[str]:
+    """Close the Kafka clients a test left open (one that failed half-way, say), naming them.
+
+    Each open client keeps an IO thread reconnecting to the stopped broker for the rest of the
+    run, and that thread draws from the global ``random``: a later Hypothesis test then fails
+    on "Do not use the `random` module inside strategies"."""
+    kafka = sys.modules.get("kafka")
+    if kafka is None:
+        return []
+    kinds = (kafka.KafkaConsumer, kafka.KafkaProducer, kafka.KafkaAdminClient)
+    left_open = [obj for obj in gc.get_objects()
+                 if issubclass(type(obj), kinds) and getattr(obj, "_closed", True) is False]
+    for client in left_open:
+        if isinstance(client, kafka.KafkaProducer):
+            client.close(timeout=1)
+        else:
+            client.close()
+    return [type(client).__name__ for client in left_open]
 
 
 # -- workloads and processes --------------------------------------------------------------------
@@ -147,12 +171,22 @@ def bulk_workload(store: EventStore, events: int, *, seed: int = 11) -> None:
         written += sum(len(a.events) for a in appends)
 
 def until(condition: Callable[[], bool], *, seconds: float = CONVERGE_SECONDS,
-          what: str = "condition") -> None:
+          what: str = "condition", state: Callable[[], object] | None = None) -> None:
+    """Poll ``condition``; on timeout, fail naming ``what`` and, if given, ``state()``."""
     deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
+            raise AssertionError(f"timed out waiting for {what}"
+                                 + ("" if state is None else f"; state: {state()}"))
         time.sleep(0.1)
+
+
+def consumer_state(projector: KafkaProjector) -> dict[str, object]:
+    """What a Kafka-fed projector has done so far, for a failure message."""
+    source = projector.loop.source
+    return {"totals": projector.loop.totals, "replacements": source.replacements,
+            "verifying": source.verifying,
+            "marks": {p: source.mark(p) for p in source.partitions}}
 
 
 class Running:

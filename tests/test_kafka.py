@@ -37,6 +37,8 @@ from kafka_fixtures import (
     CROSS_STREAM_ORDER_SENSITIVE,
     Running,
     bulk_workload,
+    close_clients_left_open,
+    consumer_state,
     distributed,
     finished,
     kafka_projections,
@@ -51,13 +53,18 @@ from tansu_broker import TansuBroker
 
 from eventstore import EventStore, StoredEvent
 from eventstore._kafka import (
+    TOPIC_ID_HEADER,
     CorruptRecord,
     KafkaConsumerLoop,
+    KafkaEventSource,
     KafkaSettings,
     Relay,
+    _kafka,
     create_kafka_schema,
+    ensure_topic,
     event_from_record,
     record_value,
+    stored_rows,
 )
 from governance import MemWarden
 from governance._cli import cli
@@ -232,7 +239,8 @@ def test_the_relay_rides_out_a_broker_outage_and_consumers_converge_after_a_rese
         applied_before, duplicates_before = fed.loop.totals.applied, fed.loop.totals.duplicates
         until(lambda: fed.step(0.3).received >= 0
               and fed.loop.totals.duplicates - duplicates_before >= head,
-              what="the old consumer to read the re-seeded log")
+              what="the old consumer to read the re-seeded log",
+              state=lambda: consumer_state(fed))
         assert fed.loop.totals.applied == applied_before  # everything was a duplicate
         assert fed.digest() == sql_fed_digest(store, projections)
         fresh = KafkaProjector(store, settings, projections=projections,
@@ -241,6 +249,61 @@ def test_the_relay_rides_out_a_broker_outage_and_consumers_converge_after_a_rese
               what="a new consumer to build everything from the re-seeded broker")
         fed.close()
         fresh.close()
+
+
+def _publish(settings: KafkaSettings, rows: Sequence[dict[str, Any]]) -> None:
+    """``rows`` of the log into partition 0 of the topic, in this order, stamped as the relay
+    stamps them. (A consumer asking about a missing topic makes Tansu create it with its own
+    partition count, so only partition 0 is sure to exist.)"""
+    headers = [(TOPIC_ID_HEADER, ensure_topic(settings).encode())]
+    producer = _kafka().KafkaProducer(bootstrap_servers=settings.bootstrap)
+    try:
+        for row in rows:
+            producer.send(settings.topic, key=row["stream_id"].encode(), partition=0,
+                          value=record_value(row), headers=headers).get(timeout=10)
+    finally:
+        producer.close()
+
+
+def _event_ids(source: KafkaEventSource, count: int, what: str) -> list[str]:
+    """The ids of the next ``count`` events ``source`` gives."""
+    got: list[str] = []
+
+    def read() -> bool:
+        got.extend(str(record.event.event_id) for record in source.poll(0.2))
+        return len(got) >= count
+
+    until(read, what=what, state=lambda: (got, source.replacements))
+    return got
+
+
+def test_a_new_log_holding_the_last_event_read_at_its_offset_is_still_read_from_the_start(
+        sqlite_url: str, broker: TansuBroker) -> None:
+    """The consumer checks the record before its mark when it has been idle. In a re-seeded
+    log that record can be the very event it applied there while the records before it are
+    others it never saw: it must tell the logs apart by their incarnation, or skip those."""
+    settings = kafka(broker, partitions=1)
+    with MemWarden.open(sqlite_url, actor="agent:a") as mw:
+        for n in range(3):
+            mw.add(f"first {n}", tenant="acme", owner="user:ana")
+        first = stored_rows(mw.store, 0, 100)
+        _publish(settings, first)
+        source = KafkaEventSource(settings, {}, verify_after=0.3, verify_timeout=5.0)
+        try:
+            _event_ids(source, len(first), "the first log to be read")
+
+            broker.restart()
+            for n in range(len(first)):
+                mw.add(f"later {n}", tenant="acme", owner="user:bo")
+            unseen = stored_rows(mw.store, first[-1]["position"], 100)[:len(first) - 1]
+            second = [*unseen, first[-1]]  # the last event read, at the offset it was read at
+            _publish(settings, second)
+
+            again = _event_ids(source, len(second), "the new log to be read whole")
+        finally:
+            source.close()
+    assert again == [str(row["event_id"]) for row in second]
+    assert source.replacements == 1
 
 
 def test_a_consumer_skips_a_stream_whose_earlier_versions_the_broker_lost(
@@ -543,3 +606,23 @@ def test_a_kafka_process_started_during_another_ones_upgrade_waits_for_it(
         assert "waiting for another process holding the database's write lock" in caplog.text
     finally:
         store.close()
+
+
+# -- the tests' own hygiene ---------------------------------------------------------------------
+
+
+def test_a_client_a_failed_test_left_open_is_closed_with_its_io_thread(
+        broker: TansuBroker) -> None:
+    """What the ``broker`` fixture does after every test: a client left open would reconnect
+    for the rest of the run from its IO thread (and break later Hypothesis tests, see
+    ``close_clients_left_open``)."""
+    consumer = _kafka().KafkaConsumer(bootstrap_servers=broker.bootstrap, client_id="left-open")
+    consumer.topics()  # connected: its IO thread runs
+
+    def io_threads() -> list[threading.Thread]:
+        return [t for t in threading.enumerate() if t.name == "kafka-io-left-open"]
+
+    assert io_threads()
+    assert close_clients_left_open() == ["KafkaConsumer"]
+    until(lambda: not io_threads(), seconds=10, what="the client's IO thread to end")
+    assert close_clients_left_open() == []
