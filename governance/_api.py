@@ -337,6 +337,9 @@ def _caller(request: Request, credentials: Annotated[
         raise Unauthenticated("send an API key as 'Authorization: Bearer <key>' "
                               "(create one with: memwarden keys create)")
     services: _Services = request.app.state.services
+    # Distributed mode: read models a Kafka consumer is building hold part of the log (the
+    # keys among them): 503 until it is through, never a wrong answer or a valid key refused.
+    services.memwarden.projector.refuse_while_building()
     principal = services.keys.authenticate(credentials.credentials)
     return Caller(principal, services.memwarden.as_principal(principal), services)
 

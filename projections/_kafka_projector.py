@@ -46,7 +46,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 
-from sqlalchemy import Column, Connection, Engine, MetaData, String, Table
+from sqlalchemy import BigInteger, Column, Connection, Engine, MetaData, String, Table
 
 from eventstore import EventStore, StoredEvent
 from eventstore._dialects import dialect_named
@@ -91,9 +91,34 @@ read_model_claims = Table(
 )
 """Which Kafka consumer maintains each read model of this database."""
 
+read_model_builds = Table(
+    "kafka_read_model_builds",
+    claims_metadata,
+    Column("consumer", String(100), primary_key=True),
+    Column("through_position", BigInteger, nullable=False),
+)
+"""Consumers building their read models from the beginning of the topic (a first claim, an
+upgrade, a rebuild), until they have applied the log through the position it had then: the
+API refuses to serve those read models meanwhile (``KafkaFedRunner.refuse_while_building``)."""
+
 _SELECT_CLAIMS = "SELECT read_model, consumer FROM kafka_read_models"
 _INSERT_CLAIM = "INSERT INTO kafka_read_models (read_model, consumer) VALUES (?, ?)"
 _RELEASE_CLAIMS = "DELETE FROM kafka_read_models WHERE consumer IN {keys}"
+_SELECT_BUILDS = "SELECT consumer, through_position FROM kafka_read_model_builds"
+_SELECT_BUILD = _SELECT_BUILDS + " WHERE consumer = ?"
+_END_BUILD = "DELETE FROM kafka_read_model_builds WHERE consumer = ?"
+_START_BUILD = "INSERT INTO kafka_read_model_builds (consumer, through_position) VALUES (?, ?)"
+
+BUILD_CHECK_SECONDS = 1.0
+"""How long the API trusts what it last read of the builds, and how often a building consumer
+asks whether it is done."""
+
+
+def _start_builds(conn: Connection, consumers: Sequence[str], through: int) -> None:
+    db = DriverConnection(conn)
+    for consumer in consumers:
+        db.execute(_END_BUILD, (consumer,))
+        db.execute(_START_BUILD, (consumer, through))
 
 
 class ReadModelClaimed(KafkaDistributionError):
@@ -123,6 +148,11 @@ class KafkaFedRunner(ProjectionRunner):
     applies nothing itself (two writers of the same rows would apply events twice), keeps what
     reads the read models (``digest``, ``checkpoints``), rebuilds by having the consumers read
     the topic again, and waits for them (``wait_until_applied``)."""
+
+    def __init__(self, store: EventStore, projections: Sequence[Projection] | None = None):
+        super().__init__(store, projections)
+        self._builds: dict[str, int] = {}
+        self._builds_read_at = -BUILD_CHECK_SECONDS
 
     def create_schema(self) -> None:
         super().create_schema()
@@ -183,6 +213,7 @@ class KafkaFedRunner(ProjectionRunner):
             if consumers:
                 DriverConnection(conn).execute(
                     _RELEASE_CLAIMS.format(keys=in_list(len(consumers))), consumers)
+                _start_builds(conn, consumers, self.store.head_position())
         logger.info("rebuild: emptied %s; consumers %s read the topic again from the beginning",
                     sorted(emptied), consumers)
         return sorted(emptied), consumers
@@ -191,6 +222,33 @@ class KafkaFedRunner(ProjectionRunner):
         """Which consumer maintains each read model (those without one are absent)."""
         with _translated_errors(), self.store.engine.connect() as conn:
             return _claims(conn)
+
+    def building(self) -> dict[str, int]:
+        """The consumers building their read models from the beginning of the topic, each with
+        the position of the log it must apply before they are whole."""
+        with _translated_errors(), self.store.engine.connect() as conn:
+            return dict(DriverConnection(conn).execute(_SELECT_BUILDS).fetchall())
+
+    def refuse_while_building(self) -> None:
+        """Raise ``ReadModelsBehind`` while a consumer builds read models from the beginning of
+        the topic: until it is through, they hold part of the log, and an answer from them
+        would be wrong (a memory missing, a valid API key unknown). What was read of the
+        builds is trusted for ``BUILD_CHECK_SECONDS``."""
+        now = time.monotonic()
+        if now - self._builds_read_at >= BUILD_CHECK_SECONDS:
+            self._builds, self._builds_read_at = self.building(), now
+        if not self._builds:
+            return
+        claims = self.consumers()
+
+        def read_models_of(consumer: str) -> str:
+            names = sorted(name for name, owner in claims.items() if owner == consumer)
+            return ", ".join(names) or "its read models"
+
+        raise ReadModelsBehind("; ".join(
+            f"Kafka consumer {consumer!r} is building {read_models_of(consumer)} from the "
+            f"beginning of the topic (through position {through})"
+            for consumer, through in sorted(self._builds.items())) + ": try again shortly")
 
     def wait_until_applied(self, names: Sequence[str], *, position: int | None = None,
                            timeout: float = DEFAULT_WAIT_SECONDS, poll: float = 0.05) -> int:
@@ -246,6 +304,13 @@ class KafkaProjector:
         self.name = name
         self.building = False
         """Claimed from scratch and not yet caught up with the topic: see ``step``."""
+        self._serves_the_api = self.target.url == store.engine.url
+        """Whether it writes the read models of the log's own database, which the API reads: only
+        there are its builds recorded (and compared with the log)."""
+        self._build_through: int | None = None
+        """The recorded build's position, until this consumer has applied the log through it."""
+        self._build_reached = 0
+        self._build_checked_at = -BUILD_CHECK_SECONDS
         missing = missing_dependencies(p.name for p in self.projections)
         if missing:
             raise ValueError("a consumer must maintain the read models its read models read: "
@@ -291,6 +356,7 @@ class KafkaProjector:
                     f"run `memwarden projections rebuild {' '.join(sorted(held))}`, or "
                     "start the new set under another --name")
             if held and not self._outdated(conn):
+                self._load_build(conn)  # (one of its processes may have started a build)
                 return
             reset_consumers(conn, [self.name])  # (first: holds its batches off)
             for projection in self.projections:
@@ -299,7 +365,10 @@ class KafkaProjector:
             if not held:
                 DriverConnection(conn).executemany(
                     _INSERT_CLAIM, [(name, self.name) for name in sorted(mine)])
+            if self._serves_the_api:
+                _start_builds(conn, [self.name], self.store.head_position())
         self.building = True
+        self._load_build()
         logger.info("consumer %s now maintains %s, from the beginning of the topic", self.name,
                     sorted(mine))
 
@@ -330,10 +399,45 @@ class KafkaProjector:
 
         self.loop.run(stop, on_step=stepped)
 
+    def _load_build(self, conn: Connection | None = None) -> None:
+        """What this consumer must apply before its read models are whole (None: nothing)."""
+        if conn is None:
+            with _translated_errors(), self.target.connect() as fresh:
+                return self._load_build(fresh)
+        row = DriverConnection(conn).execute(_SELECT_BUILD, (self.name,)).fetchone()
+        self._build_through = None if row is None else int(row[1])
+        self._build_reached = 0
+        self._build_checked_at = -BUILD_CHECK_SECONDS
+        return None
+
+    def _end_build_when_through(self, result: StepResult) -> None:
+        """End the recorded build once this consumer (all its processes) has applied the log
+        through its position: the API serves the read models again. Asked after a batch short
+        of a full one (near the end of the topic), else every ``BUILD_CHECK_SECONDS``: it
+        compares the log with what was applied."""
+        if self._build_through is None:
+            return
+        now = time.monotonic()
+        if (result.received >= self.loop.settings.batch_size
+                and now - self._build_checked_at < BUILD_CHECK_SECONDS):
+            return
+        self._build_checked_at = now
+        self._build_reached = self.loop.applied_through(self._build_through,
+                                                        after=self._build_reached)
+        if self._build_reached < self._build_through:
+            return
+        with _translated_errors(), self.target.begin() as conn:
+            DriverConnection(conn).execute(_END_BUILD, (self.name,))
+        logger.info("consumer %s has built its read models through position %d: they are "
+                    "served again", self.name, self._build_through)
+        self._build_through = None
+
     def _built(self, result: StepResult) -> None:
-        """After a build from scratch (a first claim, a rebuild), once a poll brings nothing
+        """After each step: end a recorded build once through (``_end_build_when_through``).
+        After a build from scratch (a first claim, a rebuild), once a poll brings nothing
         new: gather the planner's statistics of the read models, as ``ProjectionRunner.rebuild``
         does (PostgreSQL; the tables were filled from empty, batch after batch)."""
+        self._end_build_when_through(result)
         if not self.building or result.received or self.loop.source.verifying:
             return
         self.building = False

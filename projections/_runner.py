@@ -42,6 +42,11 @@ class ProjectionRunner:
         if len(set(names)) != len(names):
             raise ValueError(f"projection names must be unique: {names}")
 
+    def refuse_while_building(self) -> None:
+        """Nothing to refuse: here a rebuild replaces the read models in one transaction, so
+        readers see them whole, before or after (``KafkaFedRunner`` refuses while its consumers
+        build theirs)."""
+
     def create_schema(self) -> None:
         """Create what is missing, and rebuild the read models built at another revision than
         this release's (see the module docstring). At the current revisions, a few small reads.

@@ -298,6 +298,7 @@ def test_a_consumer_rebuilds_read_models_of_another_revision_from_the_beginning(
     store = EventStore.open(sqlite_url)
     try:
         workload(store, 60)
+        head = store.head_position()
         sql_fed = ProjectionRunner(store, core)
         sql_fed.create_schema()
         sql_fed.catch_up()
@@ -322,14 +323,19 @@ def test_a_consumer_rebuilds_read_models_of_another_revision_from_the_beginning(
 
         upgraded = KafkaProjector(store, settings, projections=core)
         assert upgraded.building
+        refused = (r"Kafka consumer 'projector' is building api_keys, audit, .*versions from "
+                   rf"the beginning of the topic \(through position {head}\)")
+        with pytest.raises(ReadModelsBehind, match=refused):
+            KafkaFedRunner(store).refuse_while_building()
         with store.engine.connect() as conn:
             assert conn.execute(select(func.count()).select_from(cubes)).scalar_one() == 0
             assert dict(conn.execute(text("SELECT name, revision FROM projection_revisions"))
                         .all())["versions"] == 2
         until(converged(upgraded), what="the rebuild from the beginning of the topic")
-        assert upgraded.loop.totals.applied == store.head_position()
-        head = store.head_position()
+        assert upgraded.loop.totals.applied == head
         assert KafkaFedRunner(store).wait_until_applied(["cubes", "versions"]) == head
+        assert KafkaFedRunner(store).building() == {}
+        KafkaFedRunner(store).refuse_while_building()  # served again
         upgraded.close()
 
         again = KafkaProjector(store, settings, projections=core)  # at this release: resumes
@@ -564,6 +570,41 @@ def test_a_lagging_read_model_is_its_own_problem_in_the_api(
     problem = answer.json()
     assert "database is unavailable" not in problem["detail"]
     assert "read models are behind" in problem["detail"] and "retention" in problem["detail"]
+
+
+def test_the_api_answers_503_while_a_consumer_builds_its_read_models(
+        sqlite_url: str, broker: TansuBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A consumer building read models from the beginning of the topic (its first start, an
+    upgrade, a rebuild) has applied part of the log: here the keys, so a valid key would be
+    refused as unknown. The API says "not yet" instead, and serves again once it is through."""
+    from fastapi.testclient import TestClient
+
+    from governance import ApiKeys, create_app
+    from projections import _kafka_projector
+    from projections._keys import ApiKeysProjection
+
+    monkeypatch.setattr(_kafka_projector, "BUILD_CHECK_SECONDS", 0.0)  # no cached view
+    topic = f"events-{uuid.uuid4().hex[:8]}"
+    settings = KafkaSettings(broker.bootstrap, topic=topic, partitions=3)
+    with MemWarden.open(settings=distributed(sqlite_url, broker, topic),
+                        actor="ops:test") as mw:
+        key = ApiKeys(mw).issue(tenant="*", subject="admin:api", role="admin")
+        keys = KafkaProjector(mw.store, settings, projections=[ApiKeysProjection()],
+                              name="keys")
+        headers = {"Authorization": f"Bearer {key.secret}"}
+        try:
+            with TestClient(create_app(mw)) as client:
+                building = client.get("/v1/keys", headers=headers)
+                _caught_up(mw, settings, keys)
+                built = client.get("/v1/keys", headers=headers)
+        finally:
+            keys.close()
+    assert building.status_code == 503, building.text
+    assert building.headers["Retry-After"]
+    assert ("Kafka consumer 'keys' is building api_keys from the beginning of the topic"
+            in building.json()["detail"])
+    assert built.status_code == 200, built.text
+    assert key.record.key_id in [k["id"] for k in built.json()["items"]]
 
 
 # -- the conversion worker ---------------------------------------------------------------------
