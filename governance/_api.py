@@ -86,6 +86,7 @@ from governance._policy import PermissionDenied, PolicyRule
 from governance._principal import Principal
 from governance._sdk import MemWarden, state_as_dict
 from projections import MAX_PAGE, AuditFilter, CubeFilter
+from projections._search import SearchProjection
 
 PROBLEM_JSON = "application/problem+json"
 logger = logging.getLogger("memwarden.api")
@@ -339,7 +340,10 @@ def _caller(request: Request, credentials: Annotated[
     services: _Services = request.app.state.services
     # Distributed mode: read models a Kafka consumer is building hold part of the log (the
     # keys among them): 503 until it is through, never a wrong answer or a valid key refused.
-    services.memwarden.projector.refuse_while_building()
+    # The search index alone is refused by the search route only.
+    projector = services.memwarden.projector
+    projector.refuse_while_building(
+        {p.name for p in projector.projections} - {SearchProjection.name})
     principal = services.keys.authenticate(credentials.credentials)
     return Caller(principal, services.memwarden.as_principal(principal), services)
 

@@ -44,7 +44,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 
 from sqlalchemy import BigInteger, Column, Connection, Engine, MetaData, String, Table
 
@@ -229,26 +229,28 @@ class KafkaFedRunner(ProjectionRunner):
         with _translated_errors(), self.store.engine.connect() as conn:
             return dict(DriverConnection(conn).execute(_SELECT_BUILDS).fetchall())
 
-    def refuse_while_building(self) -> None:
-        """Raise ``ReadModelsBehind`` while a consumer builds read models from the beginning of
-        the topic: until it is through, they hold part of the log, and an answer from them
-        would be wrong (a memory missing, a valid API key unknown). What was read of the
-        builds is trusted for ``BUILD_CHECK_SECONDS``."""
+    def refuse_while_building(self, read_models: Collection[str] | None = None) -> None:
+        """Raise ``ReadModelsBehind`` while a consumer builds any of ``read_models`` (default:
+        any read model) from the beginning of the topic: until it is through, they hold part of
+        the log, and an answer from them would be wrong (a memory missing, a valid API key
+        unknown). What was read of the builds is trusted for ``BUILD_CHECK_SECONDS``."""
         now = time.monotonic()
         if now - self._builds_read_at >= BUILD_CHECK_SECONDS:
             self._builds, self._builds_read_at = self.building(), now
         if not self._builds:
             return
         claims = self.consumers()
-
-        def read_models_of(consumer: str) -> str:
-            names = sorted(name for name, owner in claims.items() if owner == consumer)
-            return ", ".join(names) or "its read models"
-
-        raise ReadModelsBehind("; ".join(
-            f"Kafka consumer {consumer!r} is building {read_models_of(consumer)} from the "
-            f"beginning of the topic (through position {through})"
-            for consumer, through in sorted(self._builds.items())) + ": try again shortly")
+        building = {consumer: sorted(name for name, owner in claims.items() if owner == consumer)
+                    for consumer in self._builds}
+        # A consumer whose claims a rebuild released builds read models not known yet: any.
+        refusing = sorted(consumer for consumer, names in building.items()
+                          if read_models is None or not names or set(names) & set(read_models))
+        if refusing:
+            raise ReadModelsBehind("; ".join(
+                f"Kafka consumer {consumer!r} is building "
+                f"{', '.join(building[consumer]) or 'its read models'} from the beginning of "
+                f"the topic (through position {self._builds[consumer]})"
+                for consumer in refusing) + ": try again shortly")
 
     def wait_until_applied(self, names: Sequence[str], *, position: int | None = None,
                            timeout: float = DEFAULT_WAIT_SECONDS, poll: float = 0.05) -> int:

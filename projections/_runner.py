@@ -42,7 +42,7 @@ class ProjectionRunner:
         if len(set(names)) != len(names):
             raise ValueError(f"projection names must be unique: {names}")
 
-    def refuse_while_building(self) -> None:
+    def refuse_while_building(self, read_models: Collection[str] | None = None) -> None:
         """Nothing to refuse: here a rebuild replaces the read models in one transaction, so
         readers see them whole, before or after (``KafkaFedRunner`` refuses while its consumers
         build theirs)."""

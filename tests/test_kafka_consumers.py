@@ -607,6 +607,45 @@ def test_the_api_answers_503_while_a_consumer_builds_its_read_models(
     assert key.record.key_id in [k["id"] for k in built.json()["items"]]
 
 
+def test_a_search_index_being_built_refuses_searches_only(
+        sqlite_url: str, broker: TansuBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search indexer rebuilding its index (``memwarden projections rebuild search``) takes
+    the search route out of service, not the memories and keys the other consumers serve."""
+    from fastapi.testclient import TestClient
+
+    from governance import ApiKeys, create_app
+    from projections import _kafka_projector
+    from projections._keys import ApiKeysProjection
+    from projections._search import SearchProjection
+
+    monkeypatch.setattr(_kafka_projector, "BUILD_CHECK_SECONDS", 0.0)  # no cached view
+    topic = f"events-{uuid.uuid4().hex[:8]}"
+    settings = KafkaSettings(broker.bootstrap, topic=topic, partitions=3)
+    with MemWarden.open(settings=distributed(sqlite_url, broker, topic),
+                        actor="ops:test") as mw:
+        key = ApiKeys(mw).issue(tenant="*", subject="admin:api", role="admin")
+        keys = KafkaProjector(mw.store, settings, projections=[ApiKeysProjection()],
+                              name="keys")
+        _caught_up(mw, settings, keys)
+        indexer = KafkaProjector(mw.store, settings, projections=[SearchProjection()],
+                                 name="indexer")
+        headers = {"Authorization": f"Bearer {key.secret}"}
+        query = {"query": "anything", "tenant": "acme"}
+        try:
+            with TestClient(create_app(mw)) as client:
+                listed = client.get("/v1/keys", headers=headers)
+                refused = client.post("/v1/search", json=query, headers=headers)
+                _caught_up(mw, settings, indexer)
+                searched = client.post("/v1/search", json=query, headers=headers)
+        finally:
+            keys.close()
+            indexer.close()
+    assert listed.status_code == 200, listed.text
+    assert refused.status_code == 503, refused.text
+    assert "Kafka consumer 'indexer' is building search" in refused.json()["detail"]
+    assert searched.status_code == 200, searched.text
+
+
 # -- the conversion worker ---------------------------------------------------------------------
 
 CONVERSION_POLICY = """
