@@ -23,7 +23,8 @@ import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import replace
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ from projections._kafka_projector import (
     KafkaProjector,
     ReadModelClaimed,
 )
+from projections._readmodels import Projection
 from projections._retention import RetentionFacts, retention_holds
 from projections._search import (
     AccessScope,
@@ -540,31 +542,52 @@ def test_projections_status_shows_each_kafka_consumer_and_its_lag(
             indexer.close()
 
 
-def test_a_lagging_read_model_is_its_own_problem_in_the_api(
-        sqlite_url: str, broker: TansuBroker) -> None:
-    """``ReadModelsBehind`` is 503 with Retry-After and names the read model, not "database
-    unavailable"."""
+@dataclass
+class _DistributedApi:
+    """A distributed-mode handle, its topic, an admin key's headers, and the REST API on it."""
+
+    mw: MemWarden
+    settings: KafkaSettings
+    key_id: str
+    headers: dict[str, str]
+    client: Any
+
+    def consumer(self, name: str, *projections: Projection) -> KafkaProjector:
+        return KafkaProjector(self.mw.store, self.settings, projections=list(projections),
+                              name=name)
+
+
+@contextmanager
+def _distributed_api(sqlite_url: str, broker: TansuBroker) -> Iterator[_DistributedApi]:
     from fastapi.testclient import TestClient
 
     from governance import ApiKeys, create_app
-    from governance._api import READ_MODELS_RETRY_AFTER_SECONDS
-    from projections._keys import ApiKeysProjection
 
     topic = f"events-{uuid.uuid4().hex[:8]}"
     settings = KafkaSettings(broker.bootstrap, topic=topic, partitions=3)
     with MemWarden.open(settings=distributed(sqlite_url, broker, topic),
                         actor="ops:test") as mw:
         key = ApiKeys(mw).issue(tenant="*", subject="admin:api", role="admin")
+        with TestClient(create_app(mw)) as client:
+            yield _DistributedApi(mw, settings, key.record.key_id,
+                                  {"Authorization": f"Bearer {key.secret}"}, client)
+
+
+def test_a_lagging_read_model_is_its_own_problem_in_the_api(
+        sqlite_url: str, broker: TansuBroker) -> None:
+    """``ReadModelsBehind`` is 503 with Retry-After and names the read model, not "database
+    unavailable"."""
+    from governance._api import READ_MODELS_RETRY_AFTER_SECONDS
+    from projections._keys import ApiKeysProjection
+
+    with _distributed_api(sqlite_url, broker) as api:
         # Only the keys are fed (to authenticate): no consumer maintains retention.
-        keys = KafkaProjector(mw.store, settings, projections=[ApiKeysProjection()],
-                              name="keys")
+        keys = api.consumer("keys", ApiKeysProjection())
         try:
-            _caught_up(mw, settings, keys)
+            _caught_up(api.mw, api.settings, keys)
         finally:
             keys.close()
-        with TestClient(create_app(mw)) as client:
-            answer = client.post("/v1/retention/run", json={},
-                                 headers={"Authorization": f"Bearer {key.secret}"})
+        answer = api.client.post("/v1/retention/run", json={}, headers=api.headers)
     assert answer.status_code == 503
     assert answer.headers["Retry-After"] == str(READ_MODELS_RETRY_AFTER_SECONDS)
     problem = answer.json()
@@ -572,31 +595,28 @@ def test_a_lagging_read_model_is_its_own_problem_in_the_api(
     assert "read models are behind" in problem["detail"] and "retention" in problem["detail"]
 
 
+@pytest.fixture
+def builds_read_afresh(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The API reads the consumers' builds on every request (no cached view)."""
+    from projections import _kafka_projector
+
+    monkeypatch.setattr(_kafka_projector, "BUILD_CHECK_SECONDS", 0.0)
+
+
+@pytest.mark.usefixtures("builds_read_afresh")
 def test_the_api_answers_503_while_a_consumer_builds_its_read_models(
-        sqlite_url: str, broker: TansuBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+        sqlite_url: str, broker: TansuBroker) -> None:
     """A consumer building read models from the beginning of the topic (its first start, an
     upgrade, a rebuild) has applied part of the log: here the keys, so a valid key would be
     refused as unknown. The API says "not yet" instead, and serves again once it is through."""
-    from fastapi.testclient import TestClient
-
-    from governance import ApiKeys, create_app
-    from projections import _kafka_projector
     from projections._keys import ApiKeysProjection
 
-    monkeypatch.setattr(_kafka_projector, "BUILD_CHECK_SECONDS", 0.0)  # no cached view
-    topic = f"events-{uuid.uuid4().hex[:8]}"
-    settings = KafkaSettings(broker.bootstrap, topic=topic, partitions=3)
-    with MemWarden.open(settings=distributed(sqlite_url, broker, topic),
-                        actor="ops:test") as mw:
-        key = ApiKeys(mw).issue(tenant="*", subject="admin:api", role="admin")
-        keys = KafkaProjector(mw.store, settings, projections=[ApiKeysProjection()],
-                              name="keys")
-        headers = {"Authorization": f"Bearer {key.secret}"}
+    with _distributed_api(sqlite_url, broker) as api:
+        keys = api.consumer("keys", ApiKeysProjection())
         try:
-            with TestClient(create_app(mw)) as client:
-                building = client.get("/v1/keys", headers=headers)
-                _caught_up(mw, settings, keys)
-                built = client.get("/v1/keys", headers=headers)
+            building = api.client.get("/v1/keys", headers=api.headers)
+            _caught_up(api.mw, api.settings, keys)
+            built = api.client.get("/v1/keys", headers=api.headers)
         finally:
             keys.close()
     assert building.status_code == 503, building.text
@@ -604,39 +624,26 @@ def test_the_api_answers_503_while_a_consumer_builds_its_read_models(
     assert ("Kafka consumer 'keys' is building api_keys from the beginning of the topic"
             in building.json()["detail"])
     assert built.status_code == 200, built.text
-    assert key.record.key_id in [k["id"] for k in built.json()["items"]]
+    assert api.key_id in [k["id"] for k in built.json()["items"]]
 
 
+@pytest.mark.usefixtures("builds_read_afresh")
 def test_a_search_index_being_built_refuses_searches_only(
-        sqlite_url: str, broker: TansuBroker, monkeypatch: pytest.MonkeyPatch) -> None:
+        sqlite_url: str, broker: TansuBroker) -> None:
     """The search indexer rebuilding its index (``memwarden projections rebuild search``) takes
     the search route out of service, not the memories and keys the other consumers serve."""
-    from fastapi.testclient import TestClient
-
-    from governance import ApiKeys, create_app
-    from projections import _kafka_projector
     from projections._keys import ApiKeysProjection
-    from projections._search import SearchProjection
 
-    monkeypatch.setattr(_kafka_projector, "BUILD_CHECK_SECONDS", 0.0)  # no cached view
-    topic = f"events-{uuid.uuid4().hex[:8]}"
-    settings = KafkaSettings(broker.bootstrap, topic=topic, partitions=3)
-    with MemWarden.open(settings=distributed(sqlite_url, broker, topic),
-                        actor="ops:test") as mw:
-        key = ApiKeys(mw).issue(tenant="*", subject="admin:api", role="admin")
-        keys = KafkaProjector(mw.store, settings, projections=[ApiKeysProjection()],
-                              name="keys")
-        _caught_up(mw, settings, keys)
-        indexer = KafkaProjector(mw.store, settings, projections=[SearchProjection()],
-                                 name="indexer")
-        headers = {"Authorization": f"Bearer {key.secret}"}
-        query = {"query": "anything", "tenant": "acme"}
+    query = {"query": "anything", "tenant": "acme"}
+    with _distributed_api(sqlite_url, broker) as api:
+        keys = api.consumer("keys", ApiKeysProjection())
+        indexer = api.consumer("indexer", SearchProjection())
         try:
-            with TestClient(create_app(mw)) as client:
-                listed = client.get("/v1/keys", headers=headers)
-                refused = client.post("/v1/search", json=query, headers=headers)
-                _caught_up(mw, settings, indexer)
-                searched = client.post("/v1/search", json=query, headers=headers)
+            _caught_up(api.mw, api.settings, keys)
+            listed = api.client.get("/v1/keys", headers=api.headers)
+            refused = api.client.post("/v1/search", json=query, headers=api.headers)
+            _caught_up(api.mw, api.settings, indexer)
+            searched = api.client.post("/v1/search", json=query, headers=api.headers)
         finally:
             keys.close()
             indexer.close()
