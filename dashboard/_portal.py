@@ -9,6 +9,7 @@ date and appends the buffered read records.
 
 from __future__ import annotations
 
+from eventstore._kafka import ReadModelsBehind
 from governance._config import Settings
 from governance._keys import authenticate
 from governance._sdk import MemWarden
@@ -32,6 +33,16 @@ class Portal:
         checkpoints = backend.projector.checkpoints()
         if min(checkpoints.values()) < backend.store.head_position():
             backend.projector.catch_up()
+
+    def rebuilding(self) -> str | None:
+        """Why the pages cannot be shown now, or None: in the distributed mode, a Kafka consumer
+        building the read models from the beginning of the topic (they hold part of the log
+        until it is through: a memory would look missing, a valid key unknown)."""
+        try:
+            self._backend.refuse_while_building()
+        except ReadModelsBehind as error:
+            return str(error)
+        return None
 
     def record_reads(self) -> None:
         """Append the reads the last page made (``MemoryAccessed``), as ``memwarden up`` does."""

@@ -88,6 +88,11 @@ def main() -> None:
                        layout="wide")
     the_portal = portal()
     the_portal.refresh()
+    rebuilding = the_portal.rebuilding()
+    if rebuilding is not None:
+        st.error(f"The read models are being rebuilt, so no page is shown until they are "
+                 f"whole. {rebuilding}.", icon=":material/construction:")
+        return
     viewer = _authenticated(the_portal)
     if viewer is None:
         st.navigation([st.Page("views/sign_in.py", title="Sign in", icon=":material/key:")],

@@ -86,7 +86,6 @@ from governance._policy import PermissionDenied, PolicyRule
 from governance._principal import Principal
 from governance._sdk import MemWarden, state_as_dict
 from projections import MAX_PAGE, AuditFilter, CubeFilter
-from projections._search import SearchProjection
 
 PROBLEM_JSON = "application/problem+json"
 logger = logging.getLogger("memwarden.api")
@@ -341,9 +340,7 @@ def _caller(request: Request, credentials: Annotated[
     # Distributed mode: read models a Kafka consumer is building hold part of the log (the
     # keys among them): 503 until it is through, never a wrong answer or a valid key refused.
     # The search index alone is refused by the search route only.
-    projector = services.memwarden.projector
-    projector.refuse_while_building(
-        {p.name for p in projector.projections} - {SearchProjection.name})
+    services.memwarden.refuse_while_building()
     principal = services.keys.authenticate(credentials.credentials)
     return Caller(principal, services.memwarden.as_principal(principal), services)
 

@@ -14,7 +14,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 
 from governance._memcube import KINDS, SEMANTIC_TYPES
 from governance._search import MAX_QUERY_CHARS, MODES
-from projections._search import MAX_K, SearchProjection
+from projections._search import MAX_K
 
 _NAME = Annotated[str, Field(min_length=1, max_length=200)]
 
@@ -70,7 +70,7 @@ def search_router(caller: Callable[..., Any], dependencies: Sequence[Any],
         """The memories best matching a query among those the key may read, best first.
         Policy filters apply inside the query; snippets are masked for keys without
         memory.read_sensitive; every search is audited (query hash, never its text)."""
-        who.memwarden.projector.refuse_while_building({SearchProjection.name})
+        who.memwarden.refuse_while_building(search=True)
         results = who.memwarden.search(
             body.query, k=body.k, mode=body.mode, tenant=body.tenant, kind=body.kind,
             semantic_type=body.semantic_type, labels=body.labels, owner=body.owner,

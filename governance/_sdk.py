@@ -84,6 +84,7 @@ from projections import (
 )
 from projections._kafka_projector import KafkaFedRunner
 from projections._lineage import ArtifactRecord
+from projections._search import SearchProjection
 from projections._sensitive import ErasureRecord, FindingRecord
 
 
@@ -577,6 +578,16 @@ class MemWarden:
     def remove_policy_rule(self, rule: PolicyRule, *, reason: str) -> int:
         """Take ``rule`` out of force (a PolicyRuleRemoved event); returns the revision."""
         return self._backend.policy.remove_rule(self.principal, rule, reason=reason)
+
+    def refuse_while_building(self, *, search: bool = False) -> None:
+        """Distributed mode: raise ``ReadModelsBehind`` while a Kafka consumer builds, from the
+        beginning of the topic, the read models reads use: every one but the search index, or
+        with ``search`` the search index. They hold part of the log until it is through, and
+        an answer from them would be wrong. Embedded mode: never."""
+        projector = self._backend.runner
+        names = {p.name for p in projector.projections}
+        projector.refuse_while_building(
+            names & {SearchProjection.name} if search else names - {SearchProjection.name})
 
     def readiness(self) -> dict[str, int]:
         """How far the read models have applied the log (whole-platform facts: operator only)."""

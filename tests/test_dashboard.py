@@ -23,6 +23,7 @@ import pytest
 import streamlit as st
 from google.protobuf import text_format
 from log_tampering import overwrite_column
+from sqlalchemy import create_engine, text
 from streamlit.testing.v1 import AppTest
 
 import dashboard
@@ -190,6 +191,33 @@ def test_a_revoked_key_is_signed_out_on_the_next_page(demo: Demo) -> None:
     at.run()
     assert "was revoked" in _rendered(at)
     assert _texts(at.title) == [":material/shield: MemWarden"]
+
+
+def test_no_page_is_shown_while_a_kafka_consumer_builds_the_read_models(
+        demo: Demo, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The distributed mode: until a consumer building the read models from the beginning of
+    the topic is through, they hold part of the log, and the pages would show it as all."""
+    from projections import _kafka_projector
+
+    monkeypatch.setenv("MEMWARDEN_KAFKA_BOOTSTRAP", "127.0.0.1:9")  # (never asked here)
+    monkeypatch.setattr(_kafka_projector, "BUILD_CHECK_SECONDS", 0.0)
+    engine = create_engine(demo.url)
+    _kafka_projector.claims_metadata.create_all(engine)
+    with engine.begin() as conn:  # what a consumer that started its build has recorded
+        conn.execute(text("INSERT INTO kafka_read_models VALUES ('cubes', 'projector')"))
+        conn.execute(text("INSERT INTO kafka_read_model_builds VALUES ('projector', 42)"))
+
+    at = _app(demo, "compliance_officer", "overview")
+    assert ("The read models are being rebuilt, so no page is shown until they are whole. "
+            "Kafka consumer 'projector' is building cubes from the beginning of the topic "
+            "(through position 42): try again shortly.") in _texts(at.error)
+    assert _texts(at.title) == []
+
+    with engine.begin() as conn:  # the consumer is through
+        conn.execute(text("DELETE FROM kafka_read_model_builds"))
+    engine.dispose()
+    at.run()
+    assert _texts(at.title) == ["Overview"]
 
 
 # -- overview -------------------------------------------------------------------------------
