@@ -246,11 +246,11 @@ class KafkaFedRunner(ProjectionRunner):
         refusing = sorted(consumer for consumer, names in building.items()
                           if read_models is None or not names or set(names) & set(read_models))
         if refusing:
+            # (Not the position it must reach: the caller may not be authenticated yet.)
             raise ReadModelsBehind("; ".join(
                 f"Kafka consumer {consumer!r} is building "
                 f"{', '.join(building[consumer]) or 'its read models'} from the beginning of "
-                f"the topic (through position {self._builds[consumer]})"
-                for consumer in refusing) + ": try again shortly")
+                "the topic" for consumer in refusing) + ": try again shortly")
 
     def wait_until_applied(self, names: Sequence[str], *, position: int | None = None,
                            timeout: float = DEFAULT_WAIT_SECONDS, poll: float = 0.05) -> int:
@@ -371,8 +371,10 @@ class KafkaProjector:
                 _start_builds(conn, [self.name], self.store.head_position())
         self.building = True
         self._load_build()
-        logger.info("consumer %s now maintains %s, from the beginning of the topic", self.name,
-                    sorted(mine))
+        logger.info("consumer %s now maintains %s, from the beginning of the topic%s",
+                    self.name, sorted(mine), "" if self._build_through is None else
+                    f" (served once it has applied the log through position "
+                    f"{self._build_through})")
 
     def _outdated(self, conn: Connection) -> bool:
         """Whether a read model it holds was built at another revision (1: before revisions
