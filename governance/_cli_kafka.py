@@ -243,12 +243,14 @@ def kafka_status(mw: MemWarden) -> dict[str, Any]:
     """Where the distributed mode stands, from the database alone: the relay's acknowledged
     position per topic, and per Kafka consumer the read models it maintains, its next offset
     per partition, and the SQL log position through which it has applied every event (its lag
-    against the head: what ``memwarden work`` waits on). Read models no consumer maintains are
-    listed: they stay empty until one claims them."""
+    against the head: what ``memwarden work`` waits on), and the position a consumer building
+    its read models from offset 0 must apply through before the API serves them (None: not
+    building). Read models no consumer maintains are listed: they stay empty until one claims
+    them."""
     mw.require("platform.operate", Resource.of_tenant(PLATFORM))
     runner = mw.projector
     assert isinstance(runner, KafkaFedRunner)
-    claims = runner.consumers()
+    claims, builds = runner.consumers(), runner.building()
     with mw.store.engine.connect() as conn:
         head = mw.store.head_position(conn)
         relay = {topic: position for topic, position in conn.execute(
@@ -269,7 +271,8 @@ def kafka_status(mw: MemWarden) -> dict[str, Any]:
                 "partitions": [{"topic": row.topic, "partition": row.partition,
                                 "next_offset": row.next_offset}
                                for row in offsets if row.consumer == name],
-                "applied_through": through, "behind": head - through})
+                "applied_through": through, "behind": head - through,
+                "building_through": builds.get(name)})
     return {"mode": "kafka", "head": head, "relay": relay, "consumers": consumers,
             "unmaintained": sorted({p.name for p in runner.projections} - set(claims))}
 
@@ -286,12 +289,14 @@ def show_kafka_status(mw: MemWarden, as_json: bool) -> None:
     console.print(f"log head: position {head}; relay acknowledged: {relayed or 'nothing yet'}",
                   highlight=False)
     table = Table("consumer", "read models", "partition: next offset", "applied through",
-                  "behind")
+                  "behind", "building")
     for c in status["consumers"]:
+        building = c["building_through"]
         table.add_row(c["consumer"], ", ".join(c["read_models"]) or "(none)",
                       ", ".join(f"{p['partition']}: {p['next_offset']}"
                                 for p in c["partitions"]) or "(none yet)",
-                      str(c["applied_through"]), str(c["behind"]))
+                      str(c["applied_through"]), str(c["behind"]),
+                      "no" if building is None else f"until position {building}")
     console.print(table)
     if status["unmaintained"]:
         console.print("maintained by no consumer (empty until one claims them): "

@@ -514,6 +514,10 @@ def test_projections_status_shows_each_kafka_consumer_and_its_lag(
         indexer = KafkaProjector(mw.store, settings, projections=[SearchProjection()],
                                  name="indexer")
         try:
+            claimed_at = mw.store.head_position()  # each must apply the log this far
+            assert {c["consumer"]: c["building_through"] for c in status("--json")[
+                "consumers"]} == {"projector": claimed_at, "indexer": claimed_at}
+            assert "until" in status()  # (the table may wrap "until position N")
             head = _caught_up(mw, settings, projector, indexer)
             now = status("--json")
             assert now["head"] == head and now["relay"] == {topic: head}
@@ -529,6 +533,7 @@ def test_projections_status_shows_each_kafka_consumer_and_its_lag(
                 # One record per event on a fresh topic: the offsets add up to the log.
                 assert sum(p["next_offset"] for p in partitions) == head
                 assert (consumer["applied_through"], consumer["behind"]) == (head, 0)
+                assert consumer["building_through"] is None
             mw.add("written since", tenant="acme", owner="user:ana")  # in the log only
             later = status("--json")
             new_head = mw.store.head_position()
