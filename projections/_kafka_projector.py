@@ -50,7 +50,7 @@ from sqlalchemy import BigInteger, Column, Connection, Engine, MetaData, String,
 
 from eventstore import EventStore, StoredEvent
 from eventstore._dialects import dialect_named
-from eventstore._driver import DriverConnection, in_list
+from eventstore._driver import DriverConnection, in_list, upsert_sql
 from eventstore._gc import collection_paused
 from eventstore._kafka import (
     KafkaConsumerLoop,
@@ -107,7 +107,8 @@ _RELEASE_CLAIMS = "DELETE FROM kafka_read_models WHERE consumer IN {keys}"
 _SELECT_BUILDS = "SELECT consumer, through_position FROM kafka_read_model_builds"
 _SELECT_BUILD = _SELECT_BUILDS + " WHERE consumer = ?"
 _END_BUILD = "DELETE FROM kafka_read_model_builds WHERE consumer = ?"
-_START_BUILD = "INSERT INTO kafka_read_model_builds (consumer, through_position) VALUES (?, ?)"
+_START_BUILD = upsert_sql("kafka_read_model_builds", ("consumer", "through_position"),
+                          key=("consumer",))
 
 BUILD_CHECK_SECONDS = 1.0
 """How long the API trusts what it last read of the builds, and how often a building consumer
@@ -115,10 +116,7 @@ asks whether it is done."""
 
 
 def _start_builds(conn: Connection, consumers: Sequence[str], through: int) -> None:
-    db = DriverConnection(conn)
-    for consumer in consumers:
-        db.execute(_END_BUILD, (consumer,))
-        db.execute(_START_BUILD, (consumer, through))
+    DriverConnection(conn).executemany(_START_BUILD, [(c, through) for c in consumers])
 
 
 class ReadModelClaimed(KafkaDistributionError):
@@ -369,8 +367,8 @@ class KafkaProjector:
                     _INSERT_CLAIM, [(name, self.name) for name in sorted(mine)])
             if self._serves_the_api:
                 _start_builds(conn, [self.name], self.store.head_position())
+            self._load_build(conn)
         self.building = True
-        self._load_build()
         logger.info("consumer %s now maintains %s, from the beginning of the topic%s",
                     self.name, sorted(mine), "" if self._build_through is None else
                     f" (served once it has applied the log through position "
@@ -403,16 +401,12 @@ class KafkaProjector:
 
         self.loop.run(stop, on_step=stepped)
 
-    def _load_build(self, conn: Connection | None = None) -> None:
+    def _load_build(self, conn: Connection) -> None:
         """What this consumer must apply before its read models are whole (None: nothing)."""
-        if conn is None:
-            with _translated_errors(), self.target.connect() as fresh:
-                return self._load_build(fresh)
         row = DriverConnection(conn).execute(_SELECT_BUILD, (self.name,)).fetchone()
         self._build_through = None if row is None else int(row[1])
         self._build_reached = 0
         self._build_checked_at = -BUILD_CHECK_SECONDS
-        return None
 
     def _end_build_when_through(self, result: StepResult) -> None:
         """End the recorded build once this consumer (all its processes) has applied the log
